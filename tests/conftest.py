@@ -1,0 +1,27 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def _clear_keras_session():
+    import keras
+
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+    keras.backend.clear_session()
+
+
+def snapshot(layer_or_state):
+    """Numpy copies of (bias, log_scale, initialized)."""
+    return tuple(np.array(v.numpy()) for v in
+                 (layer_or_state.bias, layer_or_state.log_scale, layer_or_state.initialized))

@@ -1,0 +1,84 @@
+"""ActNorm's variables and its once-only, data-dependent initialisation.
+
+The Keras layer and the TFP bijector each hold one :class:`ActNormState` (the
+bijector made from a layer shares the layer's variables), so the initialisation
+logic exists once.
+
+How the "init once" guard is built, and why:
+
+* Single device: ``tf.cond(initialized, no-op, init)``. Once initialised only the
+  predicate is read; the statistics are never computed again (XLA included).
+* Replica context of a strategy with several replicas: all-reduces and mirrored
+  assignments use ``merge_call``, which TensorFlow refuses inside ``tf.cond``
+  branches. So only the per-replica partial sums are computed inside conds
+  (zeros once initialised); the all-reduces and the assignments sit outside,
+  every call, selecting the old values once initialised.
+* Bad data (empty batch, NaN/Inf): assertions raise ``InvalidArgumentError``
+  before anything is assigned. XLA compiles assertions away, so the assignment
+  itself also keeps the old values and leaves ``initialized`` False when the
+  statistics are invalid: state never changes on bad data, under XLA too.
+"""
+
+import tensorflow as tf
+
+from tf_actnorm import _math
+from tf_actnorm import _stats
+
+
+class ActNormState:
+    """``bias``, ``log_scale`` (shape [C]) and the scalar bool ``initialized``.
+
+    Holds raw ``tf.Variable`` objects (or distributed ones), so that several
+    owners can share them.
+    """
+
+    def __init__(self, bias, log_scale, initialized, axis, epsilon, name):
+        self.bias = bias
+        self.log_scale = log_scale
+        self.initialized = initialized
+        self.axis = axis
+        self.epsilon = epsilon
+        self.name = name
+
+    def maybe_initialize(self, data, mask=None, from_outputs=False, enabled=True):
+        """Initialise from ``data`` unless already initialised.
+
+        ``from_outputs=False``: ``data`` are inputs, and ``forward(data)`` is to be
+        standardised. ``from_outputs=True``: ``data`` are outputs, and
+        ``inverse(data)`` is to be standardised. ``enabled`` (a bool or a scalar
+        bool tensor) gates initialisation, e.g. by the training flag.
+        Returns the op/tensor to depend on (``None`` eagerly).
+        """
+        needed = tf.logical_not(self.initialized)
+        if enabled is not True:
+            needed = tf.logical_and(needed, tf.cast(enabled, tf.bool))
+        if _stats.replica_context() is not None:
+            return self._initialize_synchronized(data, mask, from_outputs, needed)
+        return tf.cond(
+            needed,
+            lambda: self._assign(_stats.moments(data, self.axis, mask), from_outputs),
+            lambda: tf.constant(False),
+        )
+
+    def _initialize_synchronized(self, data, mask, from_outputs, needed):
+        moments = _stats.moments(data, self.axis, mask, gate=needed)
+        return self._assign(moments, from_outputs, needed=needed)
+
+    def _assign(self, moments, from_outputs, needed=True):
+        valid = _stats.is_valid(moments)
+        checks = _stats.check(moments, self.name, enabled=needed)
+        init = _math.init_from_outputs if from_outputs else _math.init_from_inputs
+        with tf.control_dependencies(checks):
+            bias, log_scale = init(moments.mean, _stats.variance(moments), self.epsilon)
+            update = tf.logical_and(valid, needed)
+            assigned = [
+                self.bias.assign(tf.where(update, tf.cast(bias, self.bias.dtype), self.bias)),
+                self.log_scale.assign(
+                    tf.where(update, tf.cast(log_scale, self.log_scale.dtype), self.log_scale)),
+            ]
+            with tf.control_dependencies(assigned):
+                return tf.identity(self.initialized.assign(tf.logical_or(self.initialized, update)))
+
+    def reset(self):
+        """Re-arm: the next eligible call initialises again."""
+        self.initialized.assign(False)

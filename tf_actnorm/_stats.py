@@ -1,0 +1,127 @@
+"""Per-channel moments for data-dependent initialisation.
+
+Exact and robust: two passes (the mean, then the sum of squared deviations about
+it) so a large offset does not cancel away the variance; accumulated in float32
+(float64 for float64 inputs) even when the data is float16/bfloat16; reduced over
+all replicas when called in a replica context of a ``tf.distribute`` strategy,
+so every replica gets the statistics of the global batch, not an average of
+per-replica ones.
+"""
+
+import collections
+
+import tensorflow as tf
+
+Moments = collections.namedtuple("Moments", ["count", "mean", "m2"])
+Moments.__doc__ = """Per-channel count, mean and sum of squared deviations (``m2``)."""
+
+
+def stats_dtype(dtype):
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def replica_context():
+    """The replica context when more than one replica is in sync, else ``None``."""
+    if not tf.distribute.has_strategy():
+        return None
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return None
+    return ctx
+
+
+def _sum_over_replicas(values):
+    ctx = replica_context()
+    return values if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def _weights(x, mask, axis):
+    """Per-element weights (1 where valid), shaped like ``x`` minus the channel axis."""
+    if mask is None:
+        return None
+    mask = tf.cast(mask, x.dtype)
+    while mask.shape.rank < x.shape.rank:
+        mask = tf.expand_dims(mask, axis)
+    return mask
+
+
+def moments(x, axis, mask=None, gate=None):
+    """Global per-channel :class:`Moments` of ``x`` over every axis but ``axis``.
+
+    ``mask`` (optional, shape of ``x`` without the channel axis, or broadcastable to
+    ``x``) selects the positions that count. Under a strategy the count and sum are
+    all-reduced first, then the squared deviations about the global mean, so the
+    result is exact for unequal (even empty) per-replica batches. ``gate`` (a scalar
+    bool tensor) skips the per-replica work, contributing zeros, while keeping the
+    all-reduces outside control flow (where ``merge_call`` is allowed).
+    """
+    axis = axis % x.shape.rank
+    x = tf.cast(x, stats_dtype(x.dtype))
+    reduce_axes = [i for i in range(x.shape.rank) if i != axis]
+    weights = _weights(x, mask, axis)
+    channels = tf.shape(x)[axis:axis + 1]
+
+    def gated(fn):
+        if gate is None:
+            return fn()
+        return tf.cond(gate, fn, lambda: tf.nest.map_structure(tf.zeros_like, fn()))
+
+    def first_pass():
+        if weights is None:
+            n = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(channels[0], tf.int64), x.dtype)
+            return tf.fill(channels, n), tf.reduce_sum(x, reduce_axes)
+        return (tf.reduce_sum(weights * tf.ones_like(x), reduce_axes),
+                tf.reduce_sum(weights * x, reduce_axes))
+
+    count, total = _sum_over_replicas(list(gated(first_pass)))
+    mean = total / tf.maximum(count, 1.0)
+
+    def second_pass():
+        deviations = tf.square(x - tf.reshape(mean, _channel_shape(x.shape.rank, axis)))
+        if weights is not None:
+            deviations *= weights
+        return tf.reduce_sum(deviations, reduce_axes)
+
+    m2 = _sum_over_replicas(gated(second_pass))
+    return Moments(count, mean, m2)
+
+
+def _channel_shape(rank, axis):
+    return [-1 if i == axis else 1 for i in range(rank)]
+
+
+def combine(a, b):
+    """Moments of the union of two data sets (Chan et al.'s parallel update, exact)."""
+    count = a.count + b.count
+    safe = tf.maximum(count, 1.0)
+    delta = b.mean - a.mean
+    mean = a.mean + delta * b.count / safe
+    m2 = a.m2 + b.m2 + tf.square(delta) * a.count * b.count / safe
+    return Moments(count, mean, m2)
+
+
+def variance(m):
+    """Population variance (divide by the count), as ``tf.nn.moments`` gives."""
+    return m.m2 / tf.maximum(m.count, 1.0)
+
+
+def is_valid(m):
+    """True when the moments can initialise: data present and every statistic finite."""
+    return tf.logical_and(
+        tf.reduce_all(m.count > 0),
+        tf.logical_and(tf.reduce_all(tf.math.is_finite(m.mean)), tf.reduce_all(tf.math.is_finite(m.m2))),
+    )
+
+
+def check(m, name, enabled=True):
+    """Assertions that raise ``InvalidArgumentError`` naming ``name`` when ``enabled``
+    and the moments cannot initialise. XLA compiles them away (see ``_state``)."""
+    finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(m.mean)),
+                            tf.reduce_all(tf.math.is_finite(m.m2)))
+    skip = tf.logical_not(tf.cast(enabled, tf.bool))
+    return [
+        tf.debugging.Assert(tf.logical_or(skip, tf.reduce_all(m.count > 0)),
+                            [f"{name}: cannot initialise from an empty batch"]),
+        tf.debugging.Assert(tf.logical_or(skip, finite),
+                            [f"{name}: cannot initialise from data containing NaN or Inf"]),
+    ]

@@ -1,0 +1,163 @@
+"""ActNorm as a TensorFlow Probability bijector."""
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from tf_actnorm import _math
+from tf_actnorm import _state
+
+
+class ActNormBijector(tfp.bijectors.Bijector):
+    """Activation Normalization as a bijector: ``Y = g(X) = s * (X + b)``.
+
+    Per channel (the event axis ``axis``), with ``s = exp(log_scale)``:
+
+    ```none
+    forward:   Y = s * (X + b)
+    inverse:   X = Y / s - b
+    log|det J| = N * sum_c log s_c
+    ```
+
+    where ``N`` is the number of positions in one event that share a channel
+    (1 for a ``[C]`` event, ``H * W`` for an ``[H, W, C]`` event). The Jacobian is
+    constant in ``X``, and the log-determinant costs O(C).
+
+    Data-dependent initialisation: while uninitialised, the first ``forward`` (or
+    forward log-det) standardises its input, i.e. sets ``b = -mean``,
+    ``s = 1 / (std + epsilon)`` from that batch; the first ``inverse`` (or inverse
+    log-det) instead makes ``inverse(Y)`` standardised: ``s = std(Y) + epsilon``,
+    ``b = mean(Y) / s``. This matches TFP's glow ``ActivationNormalization``. Put it in
+    a flow as ``tfb.Invert(ActNormBijector(...))`` inside a ``TransformedDistribution``
+    and the first ``log_prob(data)`` standardises the data.
+
+    Two ways to build one: ``ActNormBijector(num_channels, ...)`` owns its
+    variables; ``ActNormBijector.from_layer(layer)`` (or ``layer.bijector``) shares a
+    built :class:`tf_actnorm.ActNorm` layer's ``bias``, ``log_scale`` and
+    ``initialized`` variables, so training or initialising either changes both.
+
+    Args:
+        num_channels: Python int, the size C of the channel axis.
+        axis: Negative int, the channel axis counted from the end of the event
+            (``-1`` channels-last, ``-3`` for a channels-first ``[C, H, W]`` image).
+            ``forward_min_event_ndims`` is ``-axis``.
+        epsilon: Small float added to the standard deviation at initialisation.
+        validate_args: Python bool; adds checks that the parameters are finite.
+            (Initialisation always checks its data: empty or non-finite batches
+            raise ``InvalidArgumentError`` and leave the variables unchanged.)
+        dtype: Dtype of the variables (standalone only).
+        name: Python str name.
+
+    Example:
+
+    ```python
+    flow = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)),
+        bijector=tfb.Invert(tf_actnorm.ActNormBijector(2)))
+    flow.log_prob(data)  # first call initialises from `data`
+    ```
+    """
+
+    def __init__(self, num_channels=None, axis=-1, epsilon=1e-6, validate_args=False,
+                 dtype=tf.float32, name="act_norm", _state=None):
+        parameters = dict(locals())
+        parameters.pop("_state")
+        if not isinstance(axis, int) or axis >= 0:
+            raise ValueError(
+                f"{name}: `axis` must be a negative int counted from the end of the event, got {axis!r}")
+        with tf.name_scope(name) as scope_name:
+            if _state is None:
+                if not isinstance(num_channels, int) or num_channels <= 0:
+                    raise ValueError(
+                        f"{name}: `num_channels` must be a positive int, got {num_channels!r}")
+                _state = _new_state(num_channels, axis, epsilon, dtype, name)
+            self._state = _state
+            # Attributes that tf.Module tracks as this bijector's variables.
+            self._bias = _state.bias
+            self._log_scale = _state.log_scale
+            self._initialized = _state.initialized
+            self._axis = axis
+            self._epsilon = epsilon
+            super().__init__(
+                forward_min_event_ndims=-axis,
+                is_constant_jacobian=True,
+                validate_args=validate_args,
+                dtype=_state.bias.dtype,
+                parameters=parameters,
+                name=scope_name)
+
+    @classmethod
+    def from_layer(cls, layer, validate_args=False, name=None):
+        """A bijector sharing a built ``ActNorm`` layer's variables."""
+        if not layer.built:
+            raise ValueError(
+                f"{layer.name}: build the layer (call it once, or `layer.build(shape)`) "
+                "before taking its bijector")
+        rank = layer.input_spec.ndim
+        state = _state.ActNormState(
+            layer.bias.value, layer.log_scale.value, layer.initialized.value,
+            layer.axis % rank - rank, layer.epsilon, layer.name)
+        return cls(num_channels=int(layer.bias.shape[0]), axis=state.axis,
+                   epsilon=layer.epsilon, validate_args=validate_args,
+                   name=name or layer.name, _state=state)
+
+    @property
+    def bias(self):
+        return self._bias
+
+    @property
+    def log_scale(self):
+        return self._log_scale
+
+    @property
+    def initialized(self):
+        return self._initialized
+
+    @property
+    def axis(self):
+        return self._axis
+
+    def reset_initialization(self):
+        """Re-arm data-dependent initialisation."""
+        self._state.reset()
+
+    def _init_then(self, data, from_outputs, fn):
+        dependency = self._state.maybe_initialize(data, from_outputs=from_outputs)
+        with tf.control_dependencies([dependency] if dependency is not None else []):
+            return fn()
+
+    def _forward(self, x):
+        return self._init_then(
+            x, False, lambda: _math.forward(x, self._bias, self._log_scale, self._axis))
+
+    def _inverse(self, y):
+        return self._init_then(
+            y, True, lambda: _math.inverse(y, self._bias, self._log_scale, self._axis))
+
+    def _forward_log_det_jacobian(self, x):
+        return self._init_then(x, False, lambda: self._event_log_det(x))
+
+    def _inverse_log_det_jacobian(self, y):
+        return self._init_then(y, True, lambda: -self._event_log_det(y))
+
+    def _event_log_det(self, x):
+        # Positions sharing a channel inside the minimal event; TFP multiplies by the
+        # size of any further event dimensions.
+        event_shape = tf.shape(x)[tf.rank(x) + self._axis:]
+        positions = tf.reduce_prod(event_shape) // event_shape[0]
+        return _math.log_det(tf.convert_to_tensor(self._log_scale), positions)
+
+    def _parameter_control_dependencies(self, is_init):
+        if not self.validate_args or is_init:
+            return []
+        return [
+            tf.debugging.assert_all_finite(self._log_scale, f"{self.name}: log_scale is not finite"),
+            tf.debugging.assert_all_finite(self._bias, f"{self.name}: bias is not finite"),
+        ]
+
+
+def _new_state(num_channels, axis, epsilon, dtype, name):
+    return _state.ActNormState(
+        tf.Variable(tf.zeros([num_channels], dtype), name="bias"),
+        tf.Variable(tf.zeros([num_channels], dtype), name="log_scale"),
+        tf.Variable(False, trainable=False, name="initialized"),
+        axis, epsilon, name)

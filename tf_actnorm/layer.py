@@ -1,0 +1,152 @@
+"""The ActNorm Keras layer."""
+
+import keras
+import tensorflow as tf
+
+from tf_actnorm import _math
+from tf_actnorm import _state
+
+
+@keras.saving.register_keras_serializable(package="tf_actnorm")
+class ActNorm(keras.layers.Layer):
+    """Activation Normalization (Kingma & Dhariwal, 2018, "Glow").
+
+    A per-channel affine transform ``y = s * (x + b)`` with ``s = exp(log_scale)``,
+    whose parameters are initialised from the data: on the first call that is not
+    explicitly ``training=False``, ``b = -mean_c`` and ``s = 1 / (std_c + epsilon)``
+    are computed from that batch (over every axis but ``axis``), so its output has
+    zero mean and unit variance per channel. After that, ``b`` and ``log_scale`` are
+    ordinary trainable weights; the output of one example never depends on the rest
+    of the batch, and training and inference compute the same function.
+
+    Initialisation happens once: a saved, non-trainable ``initialized`` weight
+    guards it, so restored models never re-initialise. Under a
+    ``tf.distribute`` strategy the statistics are those of the global batch.
+    The transform is invertible (``inverse``) with an O(C) log-determinant
+    (``forward_log_det_jacobian``); ``bijector`` views the layer as a TFP bijector
+    sharing its variables.
+
+    Args:
+        axis: Integer, the channel axis (``-1`` for channels-last, ``1`` for
+            channels-first). Inputs have rank 2 to 5 (``[B, C]``, ``[B, T, C]``,
+            ``[B, H, W, C]``, ``[B, T, H, W, C]`` or their channels-first forms).
+        epsilon: Small float added to the standard deviation at initialisation,
+            so a constant channel gets the finite scale ``1 / epsilon``.
+        **kwargs: Base layer keyword arguments (``name``, ``dtype``, ...).
+
+    Call arguments:
+        inputs: Floating-point input tensor.
+        training: Python boolean or ``None``. ``False`` (inference) never
+            initialises; ``None`` and ``True`` initialise if not yet done.
+        mask: Optional boolean mask of shape ``inputs.shape`` without the channel
+            axis (e.g. ``[B, T]``); only unmasked positions enter the initial
+            statistics. The mask is passed through.
+
+    Example:
+
+    ```python
+    model = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(64, 3),
+        tf_actnorm.ActNorm(),
+        keras.layers.ReLU(),
+    ])
+    model.fit(images, labels)  # the first training batch initialises ActNorm
+    ```
+    """
+
+    def __init__(self, axis=-1, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(axis, int):
+            raise TypeError(f"{self.name}: `axis` must be an int, got {axis!r}")
+        if not epsilon > 0:
+            raise ValueError(f"{self.name}: `epsilon` must be positive, got {epsilon!r}")
+        self.axis = axis
+        self.epsilon = float(epsilon)
+        self.supports_masking = True
+        self.input_spec = keras.layers.InputSpec(min_ndim=2)
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        if not 2 <= rank <= 5:
+            raise ValueError(
+                f"{self.name}: expected an input of rank 2 to 5 ([B, C] ... [B, T, H, W, C]), "
+                f"got shape {tuple(input_shape)}")
+        if not -rank <= self.axis < rank or self.axis % rank == 0:
+            raise ValueError(
+                f"{self.name}: axis={self.axis} is not a channel axis of an input of shape "
+                f"{tuple(input_shape)} (axis 0 is the batch)")
+        channels = input_shape[self.axis]
+        if channels is None:
+            raise ValueError(
+                f"{self.name}: the channel axis {self.axis} of input shape {tuple(input_shape)} "
+                "must be known")
+        self.input_spec = keras.layers.InputSpec(ndim=rank, axes={self.axis: channels})
+        self.bias = self.add_weight(
+            shape=(channels,), name="bias", initializer="zeros",
+            autocast=False, aggregation="mean")
+        self.log_scale = self.add_weight(
+            shape=(channels,), name="log_scale", initializer="zeros",
+            autocast=False, aggregation="mean")
+        self.initialized = self.add_weight(
+            shape=(), name="initialized", initializer="zeros", dtype="bool",
+            trainable=False, autocast=False, aggregation="only_first_replica")
+        self._state = _state.ActNormState(
+            self.bias.value, self.log_scale.value, self.initialized.value,
+            self.axis, self.epsilon, self.name)
+
+    def __call__(self, inputs, *args, **kwargs):
+        dtype = getattr(inputs, "dtype", None)
+        if dtype is not None and not tf.as_dtype(keras.backend.standardize_dtype(dtype)).is_floating:
+            raise TypeError(
+                f"{self.name}: expected floating-point inputs, got dtype {dtype}")
+        return super().__call__(inputs, *args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if training is not False:
+            self._state.maybe_initialize(
+                inputs, mask, enabled=True if training is None else training)
+        return _math.forward(inputs, self.bias, self.log_scale, self.axis)
+
+    def inverse(self, outputs):
+        """``x = outputs / s - b``: the exact inverse of the layer (never initialises)."""
+        outputs = tf.convert_to_tensor(outputs, self.compute_dtype)
+        return _math.inverse(outputs, self.bias, self.log_scale, self.axis)
+
+    def forward_log_det_jacobian(self, inputs, mask=None):
+        """``log|det dy/dx|`` per example, shape ``[batch]``.
+
+        Equals (number of positions that share a channel) * sum(log_scale); with a
+        mask, only that example's unmasked positions are counted. O(C): ``inputs``
+        only provides its shape.
+        """
+        inputs = tf.convert_to_tensor(inputs)
+        if mask is None:
+            positions = _math.positions_per_example(inputs, self.axis)
+            positions = tf.fill(tf.shape(inputs)[:1], positions)
+        else:
+            mask = tf.cast(mask, tf.int64)
+            positions = tf.reduce_sum(mask, axis=list(range(1, mask.shape.rank)))
+        return _math.log_det(self.log_scale, positions)
+
+    def reset_initialization(self):
+        """Re-arm data-dependent initialisation: the next training call initialises again."""
+        self._state.reset()
+
+    @property
+    def bijector(self):
+        """A TFP :class:`tf_actnorm.ActNormBijector` sharing this layer's variables."""
+        from tf_actnorm.bijector import ActNormBijector  # noqa: PLC0415 (avoids a cycle)
+
+        return ActNormBijector.from_layer(self)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"axis": self.axis, "epsilon": self.epsilon})
+        return config
