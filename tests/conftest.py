@@ -20,8 +20,3 @@ def _clear_keras_session():
     keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()
 
-
-def snapshot(layer_or_state):
-    """Numpy copies of (bias, log_scale, initialized)."""
-    return tuple(np.array(v.numpy()) for v in
-                 (layer_or_state.bias, layer_or_state.log_scale, layer_or_state.initialized))

@@ -1,0 +1,25 @@
+"""Helpers shared by the tests."""
+
+import numpy as np
+
+
+def snapshot(obj):
+    """Numpy copies of an ActNorm layer's or bijector's (bias, log_scale, initialized)."""
+    return tuple(np.array(v.numpy()) for v in (obj.bias, obj.log_scale, obj.initialized))
+
+
+def assert_unchanged(before, after):
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+
+
+def numpy_init(x, axis=-1, epsilon=1e-6, valid=None):
+    """Independent float64 re-computation of ActNorm's initial (bias, log_scale).
+
+    ``valid``: optional bool array shaped like ``x`` without the channel axis.
+    """
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    rows = x.reshape(-1, x.shape[-1])
+    if valid is not None:
+        rows = rows[np.asarray(valid, bool).reshape(-1)]
+    return -rows.mean(0), -np.log(rows.std(0) + epsilon)
