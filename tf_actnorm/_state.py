@@ -56,15 +56,17 @@ class ActNormState:
             return self._initialize_synchronized(data, mask, from_outputs, needed)
         return tf.cond(
             needed,
-            lambda: self._assign(_stats.moments(data, self.axis, mask), from_outputs),
+            lambda: self.assign_from_moments(_stats.moments(data, self.axis, mask), from_outputs),
             lambda: tf.constant(False),
         )
 
     def _initialize_synchronized(self, data, mask, from_outputs, needed):
         moments = _stats.moments(data, self.axis, mask, gate=needed)
-        return self._assign(moments, from_outputs, needed=needed)
+        return self.assign_from_moments(moments, from_outputs, needed=needed)
 
-    def _assign(self, moments, from_outputs, needed=True):
+    def assign_from_moments(self, moments, from_outputs=False, needed=True):
+        """Assign the parameters that standardise data with these moments; leaves
+        everything unchanged (and raises, outside XLA) when they are invalid."""
         valid = _stats.is_valid(moments)
         checks = _stats.check(moments, self.name, enabled=needed)
         init = _math.init_from_outputs if from_outputs else _math.init_from_inputs
@@ -82,3 +84,22 @@ class ActNormState:
     def reset(self):
         """Re-arm: the next eligible call initialises again."""
         self.initialized.assign(False)
+
+    def check_exportable(self):
+        """Raise ``ValueError`` naming the owner if it was never initialised.
+
+        Called when a SavedModel is written (``model.export``,
+        ``tf.saved_model.save``): an uninitialised ActNorm would serve an identity
+        transform, or initialise (mutate) inside a served function. Checkpoints and
+        ``.keras`` files are not affected: saving mid-training state is legitimate.
+        """
+        with tf.init_scope():
+            initialized = bool(self.initialized.numpy())
+        if not initialized:
+            raise ValueError(
+                f"ActNorm '{self.name}' was never initialised, so exporting it as a "
+                "SavedModel for serving would serve an identity transform (bias 0, scale 1). "
+                "Initialise it before exporting: train it, call it on representative data "
+                "in training mode (a bijector: `forward` or `inverse` on data), or restore "
+                "trained weights. To export it uninitialised on purpose, mark it initialised "
+                "first: `initialized.assign(True)`.")

@@ -21,18 +21,20 @@ def stats_dtype(dtype):
 
 
 def replica_context():
-    """The replica context when more than one replica is in sync, else ``None``."""
+    """The replica context inside ``strategy.run`` of a ``tf.distribute`` strategy,
+    else ``None`` (no strategy, or its cross-replica context). Any number of
+    replicas: even with one, assigning a mirrored variable there goes through
+    ``merge_call``, which ``tf.cond`` branches refuse."""
     if not tf.distribute.has_strategy():
         return None
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync <= 1:
-        return None
-    return ctx
+    return tf.distribute.get_replica_context()
 
 
 def _sum_over_replicas(values):
     ctx = replica_context()
-    return values if ctx is None else ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+    if ctx is None or ctx.num_replicas_in_sync <= 1:
+        return values
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
 def _weights(x, mask, axis):

@@ -120,6 +120,13 @@ class ActNormBijector(tfp.bijectors.Bijector):
         """Re-arm data-dependent initialisation."""
         self._state.reset()
 
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # Writing a SavedModel of a never-initialised bijector raises: its served
+        # forward/inverse would initialise, i.e. change state, on the first call.
+        if save_type == "savedmodel":
+            self._state.check_exportable()
+        return super()._trackable_children(save_type, **kwargs)
+
     def _init_then(self, data, from_outputs, fn):
         dependency = self._state.maybe_initialize(data, from_outputs=from_outputs)
         with tf.control_dependencies([dependency] if dependency is not None else []):
@@ -156,8 +163,17 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
 
 def _new_state(num_channels, axis, epsilon, dtype, name):
+    # Aggregations as the layer's: under a tf.distribute strategy the variables are
+    # mirrored and assigned in replica context (see _state); outside one they are
+    # plain variables and the arguments change nothing.
+    def variable(value, aggregation, **kwargs):
+        return tf.Variable(value, synchronization=tf.VariableSynchronization.ON_WRITE,
+                           aggregation=aggregation, **kwargs)
+
+    mean = tf.VariableAggregation.MEAN
     return _state.ActNormState(
-        tf.Variable(tf.zeros([num_channels], dtype), name="bias"),
-        tf.Variable(tf.zeros([num_channels], dtype), name="log_scale"),
-        tf.Variable(False, trainable=False, name="initialized"),
+        variable(tf.zeros([num_channels], dtype), mean, name="bias"),
+        variable(tf.zeros([num_channels], dtype), mean, name="log_scale"),
+        variable(False, tf.VariableAggregation.ONLY_FIRST_REPLICA, trainable=False,
+                 name="initialized"),
         axis, epsilon, name)

@@ -65,6 +65,7 @@ class ActNorm(keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.supports_masking = True
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
+        self._collect_moments = None  # set by tf_actnorm.initialize while it streams data
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -103,7 +104,9 @@ class ActNorm(keras.layers.Layer):
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
-        if training is not False:
+        if self._collect_moments is not None:
+            self._collect_moments(inputs, mask)
+        elif training is not False:
             self._state.maybe_initialize(
                 inputs, mask, enabled=True if training is None else training)
         return _math.forward(inputs, self.bias, self.log_scale, self.axis)
@@ -132,6 +135,13 @@ class ActNorm(keras.layers.Layer):
     def reset_initialization(self):
         """Re-arm data-dependent initialisation: the next training call initialises again."""
         self._state.reset()
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # Writing a SavedModel (`model.export`, `tf.saved_model.save`) of a layer that
+        # was never initialised raises: it would serve an identity. Checkpoints pass.
+        if save_type == "savedmodel" and getattr(self, "_state", None) is not None:
+            self._state.check_exportable()
+        return super()._trackable_children(save_type, **kwargs)
 
     @property
     def bijector(self):
