@@ -92,7 +92,14 @@ class ActNorm(keras.layers.Layer):
         self.initialized = self.add_weight(
             shape=(), name="initialized", initializer="zeros", dtype="bool",
             trainable=False, autocast=False, aggregation="only_first_replica")
-        self._state = _state.ActNormState(
+
+    @property
+    def _state(self):
+        # Made from the variables on each use, never captured in `build`: a layer built
+        # while Keras traces a parent layer that has no `build` (a stateless scope) gets
+        # its variables initialised only after that trace; until then `.value` is a
+        # placeholder tensor of the scratch graph.
+        return _state.ActNormState(
             self.bias.value, self.log_scale.value, self.initialized.value,
             self.axis, self.epsilon, self.name)
 
@@ -139,7 +146,7 @@ class ActNorm(keras.layers.Layer):
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # Writing a SavedModel (`model.export`, `tf.saved_model.save`) of a layer that
         # was never initialised raises: it would serve an identity. Checkpoints pass.
-        if save_type == "savedmodel" and getattr(self, "_state", None) is not None:
+        if save_type == "savedmodel" and self.built:
             self._state.check_exportable()
         return super()._trackable_children(save_type, **kwargs)
 
