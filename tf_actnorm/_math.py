@@ -9,6 +9,8 @@ axis is ``axis``.
 
 import tensorflow as tf
 
+from tf_actnorm import _stats
+
 
 def channel_shape(rank, axis):
     """Shape that broadcasts a [C] vector along ``axis`` of a rank-``rank`` tensor."""
@@ -21,15 +23,40 @@ def _broadcast(vector, like, axis):
     return tf.reshape(tf.cast(vector, like.dtype), channel_shape(like.shape.rank, axis))
 
 
+def scale_shift(x, scale, shift, axis):
+    """``x * scale + shift`` for channel-shaped ``scale``/``shift``: the only op on the
+    big tensor, forward and inverse.
+
+    Its gradient is TensorFlow's for these two ops (``dy * scale`` and the per-channel
+    sums of ``dy * x`` and ``dy``), with the per-channel sums taken by
+    :func:`tf_actnorm._stats.channel_sum`: on CPU the reductions that autodiff would
+    emit dominate the backward pass (20-30x slower than the multiply-add under XLA).
+    """
+
+    @tf.custom_gradient
+    def _scale_shift(x, scale, shift):
+        def grad(dy):
+            def sum_to(t, like):
+                return tf.reshape(_stats.channel_sum(t, axis), tf.shape(like))
+
+            return dy * scale, sum_to(dy * x, scale), sum_to(dy, shift)
+
+        return x * scale + shift, grad
+
+    # Tensors, not variables: a variable read inside a custom gradient needs more plumbing.
+    return _scale_shift(tf.convert_to_tensor(x), scale, shift)
+
+
 def forward(x, bias, log_scale, axis):
     """``s * (x + b)`` as one multiply-add on the big tensor: ``x * s + (b * s)``."""
     scale = tf.exp(log_scale)
-    return x * _broadcast(scale, x, axis) + _broadcast(bias * scale, x, axis)
+    return scale_shift(x, _broadcast(scale, x, axis), _broadcast(bias * scale, x, axis), axis)
 
 
 def inverse(y, bias, log_scale, axis):
-    """``y / s - b``, as ``y * exp(-log s) - b``."""
-    return y * _broadcast(tf.exp(-log_scale), y, axis) - _broadcast(bias, y, axis)
+    """``y / s - b``, as ``y * exp(-log s) + (-b)``."""
+    return scale_shift(
+        y, _broadcast(tf.exp(-log_scale), y, axis), _broadcast(-bias, y, axis), axis)
 
 
 def log_det(log_scale, positions):

@@ -1,0 +1,527 @@
+"""ActNorm benchmarks (issue 8): does ActNorm cost nothing over a bare affine op, and
+does it beat the alternatives?
+
+Usage::
+
+    python benchmarks/run.py            # full sizes (about 1.5 minutes on a 2-core CPU)
+    python benchmarks/run.py --quick    # small sizes, fewer repeats (well under a minute)
+    python benchmarks/run.py --only forward --repeats 31
+
+Prints the machine, then one markdown table row per comparison: the candidate's and
+the baseline's measurement, their ratio, the target and PASS/FAIL ("info" rows have
+no target). Exits 0 whatever the outcome; pass/fail is for people to read.
+
+How it measures
+---------------
+* Timings: every function is a ``tf.function`` (XLA rows: ``jit_compile=True``;
+  "graph" rows: ``jit_compile=False``), traced and run a few times first (warm-up).
+  Then, ``--repeats`` rounds: each round times the candidate and the baseline back to
+  back (the order alternates between rounds), each over enough calls to last
+  ~50 ms (5 ms with ``--quick``). The table shows the median time of each, and the
+  ratio is the median of the per-round ratios, so that load from other processes,
+  which drifts over seconds, hits both sides of a ratio alike. On a GPU each timing
+  ends with a device synchronisation. Two identical functions timed this way
+  (an A/A test) give ratios within about ±1% on a 2-core CPU shared with other jobs:
+  that is the resolution of the ratios.
+* Forward rows compare ActNorm with the bare op ``x * s + c`` (``s``, ``c``: [C]
+  variables) under the same ``tf.function``/XLA settings: the layer with
+  ``training=False``, the layer with ``training=True`` once initialised (the
+  steady state of training, where the "init once" guard is still in the graph) and
+  ``ActNormBijector.forward`` (guard included). TFP's glow
+  ``ActivationNormalization.forward`` (also guarded) is compared with
+  ``ActNormBijector.forward``.
+* Train step: ``Conv2D(64, 3, same) -> norm`` on ``[32, 32, 32, 64]``, loss
+  ``mean(y**2)``, ``GradientTape`` gradients and a Keras SGD update, in one
+  ``tf.function``. Baselines: the same with ``BatchNormalization``, and the Conv2D
+  alone (an "info" row: what the normalisation layer adds).
+* ``model.fit``: a small CNN (3 conv blocks with ActNorm or BatchNormalization, then
+  global pooling and a dense softmax), examples/s over whole epochs after a warm-up
+  epoch, epochs of the two models interleaved. "auto" is Keras' default
+  ``jit_compile`` (XLA where Keras can), "graph" is ``jit_compile=False``.
+* Log-det: ``forward_log_det_jacobian`` of the layer and of the bijector (with
+  ``event_ndims=3``, an image event) on ``[4, H, W, 8]`` inputs, H = W = 128 and 512
+  (``--quick``: 128 and 256), each against H = W = 16.
+* First call: the time of the call that initialises (``training=True`` after
+  ``reset_initialization()``, same traced function) against the next, steady, call.
+* Peak memory of a train step: on a GPU, ``tf.config.experimental``'s peak bytes
+  allocated during one step (after warm-up), above what was allocated before it. On
+  a CPU TensorFlow keeps no allocator statistics (``get_memory_info("CPU:0")`` reads
+  0), so the proxy is the bytes that the forward pass must keep alive until the
+  backward pass, read off the traced graph of loss and gradients: forward ops are the
+  data-flow ancestors of the loss, backward ops those of the gradients less the
+  forward ones, and every forward tensor read by a backward op counts once (views such
+  as Reshape/Identity resolved to the tensor they view; constants and variables, i.e.
+  the weights, not counted). These saved activations are what grows a train step's
+  peak over the weights; the backward pass's own short-lived temporaries are not
+  counted. The row's note gives the Conv2D alone, for the layers' own share.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_probability as tfp  # noqa: E402
+from tensorflow_probability.python.bijectors import glow  # noqa: E402
+
+import tf_actnorm  # noqa: E402
+
+MODES = (("xla", True), ("graph", False))
+
+# Every row the script prints, by id (the test checks that each is printed).
+ROWS = (
+    [f"forward {shape}/{mode}/{cand} vs {base}"
+     for shape in ("4d", "5d") for mode, _ in MODES
+     for cand, base in (("layer(training=False)", "bare"), ("layer(training=True)", "bare"),
+                        ("bijector", "bare"), ("bijector", "tfp-glow"))]
+    + [f"train step/{mode}/Conv2D+ActNorm vs {base}" for mode, _ in MODES
+       for base in ("Conv2D+BatchNorm", "Conv2D alone")]
+    + [f"fit/{mode}/ActNorm CNN vs BatchNorm CNN" for mode in ("auto", "graph")]
+    + [f"log-det/{kind}/{hw}" for kind in ("layer", "bijector") for hw in ("large", "largest")]
+    + [f"first call/{mode}/{shape}" for shape in ("4d", "5d") for mode, _ in MODES]
+    + ["peak memory/train step/Conv2D+ActNorm vs Conv2D+BatchNorm"]
+)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync():
+    if _GPU:
+        tf.test.experimental.sync_devices()
+
+
+def _calls_per_sample(fn, target_s):
+    start = time.perf_counter()
+    fn()
+    _sync()
+    once = max(time.perf_counter() - start, 1e-6)
+    return max(1, min(200, int(target_s / once)))
+
+
+def _sample(fn, calls):
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync()
+    return (time.perf_counter() - start) / calls
+
+
+def compare_times(candidate, baseline, repeats, warmup=3, target_s=None):
+    """(median candidate s, median baseline s, median of per-round ratios)."""
+    target_s = _SAMPLE_S if target_s is None else target_s
+    for _ in range(warmup):
+        candidate()
+        baseline()
+    _sync()
+    calls = min(_calls_per_sample(candidate, target_s), _calls_per_sample(baseline, target_s))
+    cand, base, ratios = [], [], []
+    for i in range(repeats):
+        if i % 2:
+            b = _sample(baseline, calls)
+            c = _sample(candidate, calls)
+        else:
+            c = _sample(candidate, calls)
+            b = _sample(baseline, calls)
+        cand.append(c)
+        base.append(b)
+        ratios.append(c / b)
+    return statistics.median(cand), statistics.median(base), statistics.median(ratios)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, row_id, candidate, baseline, ratio, target, higher_is_better=False, note=""):
+        if target is None:
+            verdict, target_text = "info", "—"
+        elif higher_is_better:
+            verdict, target_text = ("PASS" if ratio >= target else "FAIL"), f"≥ {target:.2f}×"
+        else:
+            verdict, target_text = ("PASS" if ratio <= target else "FAIL"), f"≤ {target:.2f}×"
+        row = (row_id, candidate, baseline, f"{ratio:.3f}×", target_text, verdict, note)
+        self.rows.append(row)
+        print("| " + " | ".join(row) + " |", flush=True)
+
+    @staticmethod
+    def header():
+        print("| row | candidate | baseline | ratio | target | result | notes |")
+        print("|---|---:|---:|---:|---:|:---:|---|", flush=True)
+
+
+def _ms(seconds):
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def _us(seconds):
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def _mib(nbytes):
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def forward_rows(table, args):
+    shapes = {"4d": (32, 64, 64, 64), "5d": (4, 8, 32, 32, 64)}
+    if args.quick:
+        shapes = {"4d": (8, 32, 32, 64), "5d": (2, 4, 16, 16, 64)}
+    for key, shape in shapes.items():
+        channels = shape[-1]
+        x = tf.random.normal(shape, seed=1) * 2.0 + 0.5
+        s = tf.Variable(tf.random.uniform([channels], 0.5, 2.0, seed=2))
+        c = tf.Variable(tf.random.normal([channels], seed=3))
+        layer = tf_actnorm.ActNorm()
+        layer(x)  # initialises
+        bijector = tf_actnorm.ActNormBijector(channels)
+        bijector.forward(x)
+        reference = glow.ActivationNormalization(channels)
+        reference.forward(x)
+        for mode, jit in MODES:
+            fns = {
+                "bare": tf.function(lambda x: x * s + c, jit_compile=jit),
+                "layer(training=False)": tf.function(
+                    lambda x: layer(x, training=False), jit_compile=jit),
+                "layer(training=True)": tf.function(
+                    lambda x: layer(x, training=True), jit_compile=jit),
+                # Closures, as for the bare op: a bound method of a bijector (a
+                # CompositeTensor) would make tf.function flatten it on every call.
+                "bijector": tf.function(lambda x: bijector.forward(x), jit_compile=jit),
+                "tfp-glow": tf.function(lambda x: reference.forward(x), jit_compile=jit),
+            }
+            for cand, base, target in (("layer(training=False)", "bare", 1.05),
+                                       ("layer(training=True)", "bare", 1.05),
+                                       ("bijector", "bare", 1.05),
+                                       ("bijector", "tfp-glow", 1.00)):
+                tc, tb, ratio = compare_times(
+                    lambda: fns[cand](x), lambda: fns[base](x), args.repeats)
+                table.add(f"forward {key}/{mode}/{cand} vs {base}", _ms(tc), _ms(tb), ratio,
+                          target, note=f"x {list(shape)} f32")
+        assert bool(layer.initialized.numpy())
+
+
+def _conv_model(norm, shape):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input(shape[1:]), keras.layers.Conv2D(shape[-1], 3, padding="same")]
+    if norm == "actnorm":
+        layers.append(tf_actnorm.ActNorm())
+    elif norm == "batchnorm":
+        layers.append(keras.layers.BatchNormalization())
+    return keras.Sequential(layers)
+
+
+def _train_step(model, jit):
+    optimizer = keras.optimizers.SGD(1e-3)
+    optimizer.build(model.trainable_variables)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_mean(tf.square(y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    return tf.function(step, jit_compile=jit)
+
+
+def train_step_rows(table, args):
+    shape = (8, 16, 16, 64) if args.quick else (32, 32, 32, 64)
+    x = tf.random.normal(shape, seed=4) * 2.0 + 0.5
+    for mode, jit in MODES:
+        steps = {norm: _train_step(_conv_model(norm, shape), jit)
+                 for norm in ("actnorm", "batchnorm", "none")}
+        for base, key, target in (("batchnorm", "Conv2D+BatchNorm", 1.00),
+                                  ("none", "Conv2D alone", None)):
+            tc, tb, ratio = compare_times(
+                lambda: steps["actnorm"](x), lambda: steps[base](x), args.repeats)
+            table.add(f"train step/{mode}/Conv2D+ActNorm vs {key}", _ms(tc), _ms(tb), ratio,
+                      target, note=f"x {list(shape)} f32; forward+backward+SGD")
+
+
+def _small_cnn(norm, size):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((size, size, 3))]
+    for filters, strides in ((32, 1), (64, 2), (64, 2)):
+        layers.append(keras.layers.Conv2D(filters, 3, strides=strides, padding="same"))
+        layers.append(tf_actnorm.ActNorm() if norm == "actnorm"
+                      else keras.layers.BatchNormalization())
+        layers.append(keras.layers.ReLU())
+    layers += [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")]
+    return keras.Sequential(layers)
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self.start
+
+
+def fit_rows(table, args):
+    size, examples, batch = (16, 256, 32) if args.quick else (32, 2048, 64)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(examples, size, size, 3)).astype("float32")
+    labels = rng.integers(0, 10, size=examples)
+    data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch).cache()
+    rounds = max(3, args.repeats // 3)
+    for mode, jit in (("auto", "auto"), ("graph", False)):
+        models = {}
+        for norm in ("actnorm", "batchnorm"):
+            model = _small_cnn(norm, size)
+            model.compile(optimizer=keras.optimizers.SGD(0.01),
+                          loss="sparse_categorical_crossentropy", jit_compile=jit)
+            # Warm-up: tracing, compiling, ActNorm's initialisation.
+            model.fit(data, epochs=1, verbose=0, shuffle=False)
+            models[norm] = model
+        rates = {"actnorm": [], "batchnorm": []}
+        ratios = []
+        for i in range(rounds):
+            order = ("actnorm", "batchnorm") if i % 2 == 0 else ("batchnorm", "actnorm")
+            this = {}
+            for norm in order:
+                timer = _EpochTimer()
+                models[norm].fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[timer])
+                this[norm] = examples / timer.seconds
+                rates[norm].append(this[norm])
+            ratios.append(this["actnorm"] / this["batchnorm"])
+        table.add(f"fit/{mode}/ActNorm CNN vs BatchNorm CNN",
+                  f"{statistics.median(rates['actnorm']):.0f} ex/s",
+                  f"{statistics.median(rates['batchnorm']):.0f} ex/s",
+                  statistics.median(ratios), 1.00, higher_is_better=True,
+                  note=f"{size}x{size}x3, batch {batch}, {examples} ex/epoch, {rounds} epochs each")
+
+
+def log_det_rows(table, args):
+    sizes = {"large": 128, "largest": 256} if args.quick else {"large": 128, "largest": 512}
+    channels = 8
+    layer = tf_actnorm.ActNorm()
+    layer(tf.random.normal([4, 16, 16, channels]))
+    bijector = tf_actnorm.ActNormBijector(channels)
+    bijector.forward(tf.random.normal([4, 16, 16, channels]))
+    fns = {
+        "layer": tf.function(lambda x: layer.forward_log_det_jacobian(x)),
+        "bijector": tf.function(lambda x: bijector.forward_log_det_jacobian(x, event_ndims=3)),
+    }
+    small = tf.random.normal([4, 16, 16, channels])
+    for kind, fn in fns.items():
+        for key, hw in sizes.items():
+            big = tf.random.normal([4, hw, hw, channels])
+            tc, tb, ratio = compare_times(lambda: fn(big), lambda: fn(small), args.repeats)
+            table.add(f"log-det/{kind}/{key}", _us(tc), _us(tb), ratio, 1.2,
+                      note=f"H·W = {hw}² vs 16² ([4, H, W, {channels}])")
+
+
+def first_call_rows(table, args):
+    shapes = {"4d": (32, 64, 64, 64), "5d": (4, 8, 32, 32, 64)}
+    if args.quick:
+        shapes = {"4d": (8, 32, 32, 64), "5d": (2, 4, 16, 16, 64)}
+    for key, shape in shapes.items():
+        x = tf.random.normal(shape, seed=5) * 3.0 + 2.0
+        for mode, jit in MODES:
+            layer = tf_actnorm.ActNorm()
+            layer(x, training=False)  # builds, does not initialise
+            fn = tf.function(lambda x: layer(x, training=True), jit_compile=jit)
+            for _ in range(3):  # warm-up, initialising and steady
+                layer.reset_initialization()
+                fn(x)
+                fn(x)
+            _sync()
+            first, steady, ratios = [], [], []
+            for _ in range(max(5, args.repeats)):
+                layer.reset_initialization()
+                start = time.perf_counter()
+                fn(x)
+                _sync()
+                mid = time.perf_counter()
+                fn(x)
+                _sync()
+                end = time.perf_counter()
+                first.append(mid - start)
+                steady.append(end - mid)
+                ratios.append((mid - start) / (end - mid))
+            assert bool(layer.initialized.numpy())
+            table.add(f"first call/{mode}/{key}", _ms(statistics.median(first)),
+                      _ms(statistics.median(steady)), statistics.median(ratios), 3.0,
+                      note=f"layer(x, training=True), x {list(shape)} f32")
+
+
+# Ops whose output is (a view of) an input: output i views input i for IdentityN,
+# input 0 for the others.
+_VIEWS = {"Identity", "IdentityN", "Reshape", "Squeeze", "ExpandDims", "Snapshot"}
+_NOT_ACTIVATIONS = {"Const", "VarHandleOp", "ReadVariableOp"}
+
+
+def saved_for_backward_bytes(model, x):
+    """Bytes of the forward tensors that the backward pass of a train step reads.
+
+    Traces ``loss = mean(model(x)**2)`` and its ``GradientTape`` gradients. Forward ops:
+    the data-flow ancestors of the loss; backward ops: those of the gradients, less
+    the forward ones. A forward tensor read by a backward op must be kept from the
+    forward pass to the backward pass. Views are resolved to what they view;
+    constants and variables (the weights) are not counted.
+    """
+
+    @tf.function
+    def loss_and_grads(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True)))
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    graph = loss_and_grads.get_concrete_function(x).graph
+    loss, *grads = graph.outputs
+
+    def ancestors(tensors):
+        seen, stack = set(), [t.op for t in tensors]
+        while stack:
+            op = stack.pop()
+            if op not in seen:
+                seen.add(op)
+                stack.extend(t.op for t in op.inputs)
+        return seen
+
+    def root(tensor):
+        while tensor.op.type in _VIEWS and tensor.op.inputs:
+            index = tensor.value_index if tensor.op.type == "IdentityN" else 0
+            tensor = tensor.op.inputs[index]
+        return tensor
+
+    forward = ancestors([loss])
+    backward = ancestors(grads) - forward
+    saved = {}
+    for op in backward:
+        for tensor in op.inputs:
+            if tensor.op not in forward:
+                continue
+            tensor = root(tensor)
+            if tensor.op.type in _NOT_ACTIVATIONS or tensor.dtype == tf.resource:
+                continue
+            if not tensor.shape.is_fully_defined():
+                raise ValueError(f"unknown shape of saved tensor {tensor.name}")
+            saved[tensor.name] = tensor.shape.num_elements() * tensor.dtype.size
+    return sum(saved.values())
+
+
+def gpu_step_peak_bytes(step, x):
+    for _ in range(3):
+        step(x)
+    _sync()
+    device = "GPU:0"
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    tf.config.experimental.reset_memory_stats(device)
+    step(x)
+    _sync()
+    return tf.config.experimental.get_memory_info(device)["peak"] - before
+
+
+def memory_rows(table, args):
+    shape = (8, 16, 16, 64) if args.quick else (32, 32, 32, 64)
+    x = tf.random.normal(shape, seed=6)
+    measured = {}
+    for norm in ("actnorm", "batchnorm", "none"):
+        model = _conv_model(norm, shape)
+        if _GPU:
+            measured[norm] = gpu_step_peak_bytes(_train_step(model, jit=False), x)
+        else:
+            measured[norm] = saved_for_backward_bytes(model, x)
+    what = ("GPU peak bytes allocated during one step" if _GPU
+            else "CPU proxy: bytes of forward tensors kept for the backward pass")
+    table.add("peak memory/train step/Conv2D+ActNorm vs Conv2D+BatchNorm",
+              _mib(measured["actnorm"]), _mib(measured["batchnorm"]),
+              measured["actnorm"] / measured["batchnorm"], 1.00,
+              note=f"{what}; x {list(shape)} f32; bytes: {measured['actnorm']:,} vs "
+                   f"{measured['batchnorm']:,}, Conv2D alone {measured['none']:,}")
+
+
+GROUPS = {
+    "forward": forward_rows,
+    "train": train_step_rows,
+    "fit": fit_rows,
+    "log-det": log_det_rows,
+    "first": first_call_rows,
+    "memory": memory_rows,
+}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description():
+    parts = [f"CPU: {_cpu_name()}, {os.cpu_count()} logical cores"]
+    for gpu in _GPUS:
+        details = tf.config.experimental.get_device_details(gpu)
+        parts.append(f"GPU: {details.get('device_name', gpu.name)}")
+    if not _GPUS:
+        parts.append("no GPU")
+    parts.append(f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+                 f"TensorFlow {tf.__version__}, Keras {keras.__version__}, "
+                 f"TFP {tfp.__version__}")
+    return "; ".join(parts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats (a smoke run; ratios are rough)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timing rounds per row (default 21, or 5 with --quick)")
+    parser.add_argument("--only", action="append", choices=sorted(GROUPS),
+                        help="run only these groups of rows (repeatable)")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 21
+    global _SAMPLE_S
+    _SAMPLE_S = 0.005 if args.quick else 0.05
+    tf.get_logger().setLevel("ERROR")
+
+    print(f"Device: {device_description()}")
+    print(f"Mode: {'quick' if args.quick else 'full'}, {args.repeats} rounds per timing row; "
+          f"load average at start: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print()
+    Table.header()
+    table = Table()
+    start = time.perf_counter()
+    for name, run in GROUPS.items():
+        if args.only and name not in args.only:
+            continue
+        run(table, args)
+    print()
+    failed = [row[0] for row in table.rows if row[5] == "FAIL"]
+    print(f"{len(table.rows)} rows, {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else "")
+          + f"; {time.perf_counter() - start:.0f} s; load average at end: "
+          + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    return 0
+
+
+_SAMPLE_S = 0.05  # seconds per timing sample (several calls); --quick: 0.005
+_GPUS = tf.config.list_physical_devices("GPU")
+_GPU = bool(_GPUS)
+
+if __name__ == "__main__":
+    sys.exit(main())

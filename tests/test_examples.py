@@ -1,0 +1,79 @@
+"""Smoke tests: every example runs with ``--quick`` in a fresh process, prints its key
+lines and writes its picture."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?)"
+
+
+def run_example(script, tmp_path, png):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--quick", "--out", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    picture = tmp_path / png
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {picture}" in result.stdout
+    return result.stdout
+
+
+def numbers(pattern, text):
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in output:\n{text}"
+    return [float(g) for g in match.groups()]
+
+
+def test_quickstart(tmp_path):
+    out = run_example("quickstart.py", tmp_path, "quickstart.png")
+    (before_mean,) = numbers(r"before init: .*max \|mean\| +" + NUMBER, out)
+    after_mean, low, high = numbers(
+        r"after init: .*max \|mean\| +" + NUMBER + r"\), std .*range " + NUMBER + " to " + NUMBER,
+        out)
+    assert before_mean > 1.0  # the conv output of raw pixels is far from standardised
+    assert after_mean < 1e-3 and 0.999 <= low <= high <= 1.001
+    assert "after training:" in out and "test accuracy:" in out
+
+
+def test_two_moons_flow(tmp_path):
+    out = run_example("two_moons_flow.py", tmp_path, "two_moons.png")
+    assert "initial NLL (first batch, ActNorm initialised)" in out
+    flow, gaussian = numbers(r"held-out NLL: flow " + NUMBER + " nats, Gaussian " + NUMBER, out)
+    assert 0.0 < flow < 10.0 and 1.5 < gaussian < 2.5  # --quick trains too little to win
+
+
+def test_glow_digits(tmp_path):
+    out = run_example("glow_digits.py", tmp_path, "glow_digits.png")
+    with_init, without = numbers(
+        r"first-step loss: " + NUMBER + " bits/dim with data-dependent init, " + NUMBER, out)
+    assert with_init < without
+    (held_out,) = numbers(r"held-out: " + NUMBER + " bits/dim", out)
+    assert 0.0 < held_out < 8.0
+
+
+def test_patchgan_discriminator(tmp_path):
+    out = run_example("patchgan_discriminator.py", tmp_path, "patchgan_discriminator.png")
+    for data in ("images", "video"):
+        pattern = data + r", {}\s*: .* by " + NUMBER + " between two batches .*, " + NUMBER
+        assert numbers(pattern.format("ActNorm"), out) == [0.0, 0.0]
+        assert min(numbers(pattern.format("BatchNorm"), out)) > 1e-3
+    assert "images, ActNorm: 3 adversarial steps" in out
+
+
+def test_serve_savedmodel(tmp_path):
+    out = run_example("serve_savedmodel.py", tmp_path, "serve_savedmodel.png")
+    assert "server: tf_actnorm imported: False" in out
+    assert len(re.findall(r"max \|served - in-process\| = ", out)) == 3
+    assert "served outputs match the in-process model" in out
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_every_example_has_a_smoke_test(script):
+    assert f"test_{script.removesuffix('.py')}" in globals()
