@@ -252,3 +252,29 @@ def test_zero_variance_channel_gets_finite_scale(rng):
     assert np.all(np.isfinite(layer.log_scale.numpy()))
     np.testing.assert_allclose(np.exp(layer.log_scale.numpy()[1]), 1e6, rtol=1e-4)
     np.testing.assert_allclose(y[:, 1], 0.0)
+
+
+class Wrapper(keras.layers.Layer):
+    """A parent layer with no `build`: Keras builds its children while tracing it."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.GlorotUniform(0))
+        self.actnorm = tf_actnorm.ActNorm()
+
+    def call(self, x, training=None):
+        return self.actnorm(self.dense(x), training=training)
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function", "xla"])
+def test_inside_a_parent_layer_without_build(rng, mode):
+    wrapper = Wrapper()
+    x = _data(rng, (16, 4), -1)
+    call = lambda t: wrapper(t, training=True)  # noqa: E731
+    if mode != "eager":
+        call = tf.function(call, jit_compile=(mode == "xla"))
+    y = call(tf.constant(x)).numpy()
+    assert wrapper.actnorm.initialized.numpy()
+    bias, _ = numpy_init(wrapper.dense(x).numpy())
+    np.testing.assert_allclose(wrapper.actnorm.bias.numpy(), bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.std(0), 1.0, atol=1e-4)
