@@ -154,6 +154,18 @@ def keras_build_workaround(model, strategy):
     model._maybe_symbolic_build = maybe_symbolic_build
 
 
+def _init_result(strategy, model, steps, seen, local, make_layer):
+    """What every init scenario reports: the shards, their sizes as the replicas saw
+    them, each replica's variables, and the single-device init of the first global batch."""
+    return {
+        "local": local,
+        "steps": [_tolist(shards) for shards in steps],
+        "seen_sizes": seen,
+        "replicas": _replica_state(strategy, model.layers[0]) if make_layer is None else None,
+        "single_device": _single_device_init(_concat(steps[0])),
+    }
+
+
 def custom_loop(strategy, steps, rank, local, jit_compile=False, make_layer=None):
     """Idiomatic custom loop: one tf.function around strategy.run, a GradientTape and
     an optimizer (SGD, learning rate 0, so the variables keep their initial values)."""
@@ -180,13 +192,7 @@ def custom_loop(strategy, steps, rank, local, jit_compile=False, make_layer=None
     for shards in steps:
         sizes = train_step(_distribute(strategy, shards))
         seen.append([int(s) for s in strategy.experimental_local_results(sizes)])
-    return {
-        "local": local,
-        "steps": [_tolist(shards) for shards in steps],
-        "seen_sizes": seen,
-        "replicas": _replica_state(strategy, model.layers[0]) if make_layer is None else None,
-        "single_device": _single_device_init(_concat(steps[0])),
-    }
+    return _init_result(strategy, model, steps, seen, local, make_layer)
 
 
 def fit_arrays(strategy, x, rank, batch_size, workaround=False):
@@ -242,13 +248,7 @@ def fit_from_function(strategy, steps, rank, local, workaround=False, jit_compil
     for x, _ in dataset:
         seen.append([int(t.shape[0]) for t in strategy.experimental_local_results(x)])
     model.fit(dataset, epochs=1, verbose=0)
-    return {
-        "local": local,
-        "steps": [_tolist(shards) for shards in steps],
-        "seen_sizes": seen,
-        "replicas": _replica_state(strategy, model.layers[0]) if make_layer is None else None,
-        "single_device": _single_device_init(_concat(steps[0])),
-    }
+    return _init_result(strategy, model, steps, seen, local, make_layer)
 
 
 def trains_like_single_device(strategy, steps, rank, local, learning_rate=0.1):

@@ -146,23 +146,27 @@ def variance(m):
     return m.m2 / tf.maximum(m.count, 1.0)
 
 
+def _has_data(m):
+    return tf.reduce_all(m.count > 0)
+
+
+def _is_finite(m):
+    return tf.logical_and(tf.reduce_all(tf.math.is_finite(m.mean)),
+                          tf.reduce_all(tf.math.is_finite(m.m2)))
+
+
 def is_valid(m):
     """True when the moments can initialise: data present and every statistic finite."""
-    return tf.logical_and(
-        tf.reduce_all(m.count > 0),
-        tf.logical_and(tf.reduce_all(tf.math.is_finite(m.mean)), tf.reduce_all(tf.math.is_finite(m.m2))),
-    )
+    return tf.logical_and(_has_data(m), _is_finite(m))
 
 
 def check(m, name, enabled=True):
     """Assertions that raise ``InvalidArgumentError`` naming ``name`` when ``enabled``
     and the moments cannot initialise. XLA compiles them away (see ``_state``)."""
-    finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(m.mean)),
-                            tf.reduce_all(tf.math.is_finite(m.m2)))
     skip = tf.logical_not(tf.cast(enabled, tf.bool))
     return [
-        tf.debugging.Assert(tf.logical_or(skip, tf.reduce_all(m.count > 0)),
+        tf.debugging.Assert(tf.logical_or(skip, _has_data(m)),
                             [f"{name}: cannot initialise from an empty batch"]),
-        tf.debugging.Assert(tf.logical_or(skip, finite),
+        tf.debugging.Assert(tf.logical_or(skip, _is_finite(m)),
                             [f"{name}: cannot initialise from data containing NaN or Inf"]),
     ]
