@@ -47,7 +47,7 @@ class ActNormState:
         standardised. ``from_outputs=True``: ``data`` are outputs, and
         ``inverse(data)`` is to be standardised. ``enabled`` (a bool or a scalar
         bool tensor) gates initialisation, e.g. by the training flag.
-        Returns the op/tensor to depend on (``None`` eagerly).
+        Returns a bool tensor to put control dependencies on.
         """
         needed = tf.logical_not(self.initialized)
         if enabled is not True:

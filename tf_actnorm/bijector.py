@@ -163,8 +163,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
         return tf.reduce_prod(tf.shape(x)[rank - event_ndims:rank - low])
 
     def _init_then(self, data, from_outputs, fn):
-        dependency = self._state.maybe_initialize(data, from_outputs=from_outputs)
-        with tf.control_dependencies([dependency] if dependency is not None else []):
+        with tf.control_dependencies([self._state.maybe_initialize(data, from_outputs=from_outputs)]):
             return fn()
 
     def _forward(self, x):
