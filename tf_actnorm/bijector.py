@@ -130,19 +130,20 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
     def forward_log_det_jacobian(self, x, event_ndims=None, name="forward_log_det_jacobian",
                                  **kwargs):
-        size = self._extra_event_size(x, event_ndims)
-        if size is None:
-            return super().forward_log_det_jacobian(x, event_ndims, name, **kwargs)
-        ldj = super().forward_log_det_jacobian(x, self.forward_min_event_ndims, name, **kwargs)
-        return ldj * tf.cast(size, ldj.dtype)
+        return self._sum_over_event(super().forward_log_det_jacobian, x, event_ndims, name, **kwargs)
 
     def inverse_log_det_jacobian(self, y, event_ndims=None, name="inverse_log_det_jacobian",
                                  **kwargs):
-        size = self._extra_event_size(y, event_ndims)
+        return self._sum_over_event(super().inverse_log_det_jacobian, y, event_ndims, name, **kwargs)
+
+    def _sum_over_event(self, log_det_fn, t, event_ndims, name, **kwargs):
+        """``log_det_fn`` at ``event_ndims``, as the minimal-event value times the size of
+        the extra event dimensions when that size is known (see ``_extra_event_size``)."""
+        size = self._extra_event_size(t, event_ndims)
         if size is None:
-            return super().inverse_log_det_jacobian(y, event_ndims, name, **kwargs)
-        ildj = super().inverse_log_det_jacobian(y, self.inverse_min_event_ndims, name, **kwargs)
-        return ildj * tf.cast(size, ildj.dtype)
+            return log_det_fn(t, event_ndims, name, **kwargs)
+        ldj = log_det_fn(t, self.forward_min_event_ndims, name, **kwargs)
+        return ldj * tf.cast(size, ldj.dtype)
 
     def _extra_event_size(self, x, event_ndims):
         """Number of elements in the event dimensions beyond the minimal ones, or None.
