@@ -20,6 +20,7 @@ How the "init once" guard is built, and why:
 """
 
 import tensorflow as tf
+from tensorflow.python.saved_model import save_context
 
 from tf_actnorm import _math
 from tf_actnorm import _stats
@@ -39,6 +40,8 @@ class ActNormState:
         self.axis = axis
         self.epsilon = epsilon
         self.name = name
+        # A bijector made from a layer asks the layer: a frozen layer never initialises.
+        self.can_initialize = lambda: True
 
     def maybe_initialize(self, data, mask=None, from_outputs=False, enabled=True):
         """Initialise from ``data`` unless already initialised.
@@ -49,6 +52,11 @@ class ActNormState:
         bool tensor) gates initialisation, e.g. by the training flag.
         Returns a bool tensor to put control dependencies on.
         """
+        if not self.can_initialize() or save_context.in_save_context():
+            # Functions traced while writing a SavedModel serve: no init branch, no
+            # variable writes (TFLite and ONNX cannot convert them). Saving an
+            # uninitialised ActNorm raises (`check_exportable`), so nothing is lost.
+            return tf.constant(False)
         needed = tf.logical_not(self.initialized)
         if enabled is not True:
             needed = tf.logical_and(needed, tf.cast(enabled, tf.bool))

@@ -97,6 +97,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
         state = _state.ActNormState(
             layer.bias.value, layer.log_scale.value, layer.initialized.value,
             layer.axis % rank - rank, layer.epsilon, layer.name)
+        state.can_initialize = lambda: layer.trainable  # a frozen layer never changes
         return cls(num_channels=int(layer.bias.shape[0]), axis=state.axis,
                    epsilon=layer.epsilon, validate_args=validate_args,
                    name=name or layer.name, _state=state)

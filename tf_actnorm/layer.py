@@ -12,10 +12,13 @@ class ActNorm(keras.layers.Layer):
     """Activation Normalization (Kingma & Dhariwal, 2018, "Glow").
 
     A per-channel affine transform ``y = s * (x + b)`` with ``s = exp(log_scale)``,
-    whose parameters are initialised from the data: on the first call that is not
-    explicitly ``training=False``, ``b = -mean_c`` and ``s = 1 / (std_c + epsilon)``
-    are computed from that batch (over every axis but ``axis``), so its output has
-    zero mean and unit variance per channel. After that, ``b`` and ``log_scale`` are
+    whose parameters are initialised from the data: on the first call in training
+    mode (``model.fit``, a ``train_step``, or ``layer(x, training=True)``),
+    ``b = -mean_c`` and ``s = 1 / (std_c + epsilon)`` are computed from that batch
+    (over every axis but ``axis``), so its output has zero mean and unit variance
+    per channel. As for ``BatchNormalization``, a call with ``training`` unset
+    outside a training context is inference, and a frozen layer
+    (``trainable = False``) never initialises: its state never changes. After that, ``b`` and ``log_scale`` are
     ordinary trainable weights; the output of one example never depends on the rest
     of the batch, and training and inference compute the same function.
 
@@ -36,8 +39,11 @@ class ActNorm(keras.layers.Layer):
 
     Call arguments:
         inputs: Floating-point input tensor.
-        training: Python boolean or ``None``. ``False`` (inference) never
-            initialises; ``None`` and ``True`` initialise if not yet done.
+        training: Python boolean or ``None``. ``True`` (training mode)
+            initialises if that has not happened yet and the layer is
+            trainable; ``False`` and ``None`` (inference: ``predict``,
+            ``evaluate``, ``model.export``) never do. Keras sets it inside
+            ``fit`` and passes it down to nested layers.
         mask: Optional boolean mask of shape ``inputs.shape`` without the channel
             axis (e.g. ``[B, T]``); only unmasked positions enter the initial
             statistics. The mask is passed through.
@@ -113,9 +119,10 @@ class ActNorm(keras.layers.Layer):
     def call(self, inputs, training=None, mask=None):
         if self._collect_moments is not None:
             self._collect_moments(inputs, mask)
-        elif training is not False:
-            self._state.maybe_initialize(
-                inputs, mask, enabled=True if training is None else training)
+        elif self.trainable and training is not None and training is not False:
+            # Keras' rule (BatchNormalization's): only training mode changes state, and
+            # a frozen layer never does. `training` may be a bool tensor.
+            self._state.maybe_initialize(inputs, mask, enabled=training)
         return _math.forward(inputs, self.bias, self.log_scale, self.axis)
 
     def inverse(self, outputs):
