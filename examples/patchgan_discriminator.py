@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-import tf_actnorm  # noqa: E402
+from patchgan_model import patchgan  # noqa: E402 (beside this script)
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny run, for smoke tests")
@@ -34,21 +34,6 @@ args = parser.parse_args()
 adversarial_steps, batch = (3, 16) if args.quick else (300, 32)
 keras.utils.set_random_seed(0)
 rng = np.random.default_rng(0)
-
-
-def patchgan(input_shape, use_actnorm=True, filters=32, n_layers=2):
-    """Patch logits for images [H, W, C] (Conv2D) or video clips [T, H, W, C] (Conv3D)."""
-    conv = keras.layers.Conv3D if len(input_shape) == 4 else keras.layers.Conv2D
-    norm = tf_actnorm.ActNorm if use_actnorm else keras.layers.BatchNormalization
-    layers = [keras.Input(input_shape), conv(filters, 4, strides=2, padding="same"),
-              keras.layers.LeakyReLU(0.2)]
-    for i in range(1, n_layers + 1):
-        layers += [conv(filters * 2**i, 4, strides=2 if i < n_layers else 1, padding="same",
-                        use_bias=False),  # the normalisation layer brings the bias
-                   norm(),
-                   keras.layers.LeakyReLU(0.2)]
-    layers.append(conv(1, 4, padding="same"))
-    return keras.Sequential(layers)
 
 
 def batch_dependence(disc, x, others_a, others_b):

@@ -74,6 +74,16 @@ def test_serve_savedmodel(tmp_path):
     assert "served outputs match the in-process model" in out
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+# Scripts take `--quick`; other files (`patchgan_model.py`) are modules they import.
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if "--quick" in p.read_text())
+
+
+def test_modules_beside_the_scripts_are_imported_by_one():
+    modules = {p.stem for p in EXAMPLES.glob("*.py")} - {s.removesuffix(".py") for s in SCRIPTS}
+    sources = "".join((EXAMPLES / s).read_text() for s in SCRIPTS)
+    assert modules == {"patchgan_model"} and "from patchgan_model import" in sources
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_example_has_a_smoke_test(script):
     assert f"test_{script.removesuffix('.py')}" in globals()
