@@ -224,7 +224,8 @@ def test_bad_init_data_raises_and_changes_nothing(rng, kind, mode):
     layer = tf_actnorm.ActNorm(name="my_actnorm")
     layer.build((None, 3))
     before = snapshot(layer)
-    call = layer if mode == "eager" else tf.function(lambda t: layer(t, training=True))
+    train_call = lambda t: layer(t, training=True)  # noqa: E731
+    call = train_call if mode == "eager" else tf.function(train_call)
     message = "empty" if kind == "empty" else "NaN or Inf"
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"my_actnorm.*{message}"):
         call(tf.constant(_poisoned(rng, kind)))

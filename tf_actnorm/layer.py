@@ -136,8 +136,9 @@ class ActNorm(keras.layers.Layer):
         Equals (number of positions that share a channel) * sum(log_scale); with a
         mask, only that example's unmasked positions are counted. O(C): ``inputs``
         only provides its shape. It reads the current ``log_scale`` and never
-        initialises: call the layer on the batch first (as a flow does) so that an
-        uninitialised layer initialises before its log-det is taken.
+        initialises: call the layer on the batch first in training mode (as a flow's
+        training step does) so that an uninitialised layer initialises before its
+        log-det is taken.
         """
         inputs = tf.convert_to_tensor(inputs)
         if mask is None:
