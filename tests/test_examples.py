@@ -43,6 +43,11 @@ def test_quickstart(tmp_path):
     assert "after training:" in out and "test accuracy:" in out
 
 
+def test_out_directory_is_created_when_missing(tmp_path):
+    out = tmp_path / "missing" / "nested"
+    run_example("quickstart.py", tmp_path, "quickstart.png", out=out)  # checks the picture
+
+
 def test_two_moons_flow(tmp_path):
     out = run_example("two_moons_flow.py", tmp_path, "two_moons.png")
     assert "initial NLL (first batch, ActNorm initialised)" in out
@@ -73,11 +78,6 @@ def test_serve_savedmodel(tmp_path):
     assert "server: tf_actnorm imported: False" in out
     assert len(re.findall(r"max \|served - in-process\| = ", out)) == 3
     assert "served outputs match the in-process model" in out
-
-
-def test_out_directory_is_created_when_missing(tmp_path):
-    out = tmp_path / "missing" / "nested"
-    run_example("quickstart.py", tmp_path, "quickstart.png", out=out)  # checks the picture
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
