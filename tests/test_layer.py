@@ -198,9 +198,27 @@ def test_channel_mismatch_is_rejected(rng):
     layer = tf_actnorm.ActNorm(name="my_actnorm")
     layer(_data(rng, (4, 3), -1), training=True)
     before = snapshot(layer)
-    with pytest.raises(ValueError, match="my_actnorm"):
-        layer(tf.zeros([4, 5]))
+    with pytest.raises(ValueError, match="my_actnorm.*expected axis -1 .* value 3.*shape \\(4, 5\\)"):
+        layer(tf.zeros([4, 5]))  # Keras' input_spec message: layer, expected and received
     assert_unchanged(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("method", ["inverse", "forward_log_det_jacobian"])
+def test_inverse_and_log_det_reject_mismatched_inputs(rng, method, mode):
+    # These bypass Keras' input_spec check in `__call__`: same checks, named errors.
+    layer = tf_actnorm.ActNorm(axis=1, name="my_actnorm")
+    layer(_data(rng, (4, 3, 2, 2), 1), training=True)
+    fn = getattr(layer, method)
+    if mode == "tf.function":
+        fn = tf.function(fn)
+    with pytest.raises(ValueError, match=r"my_actnorm: expected 3 channels on axis 1, got 5 "
+                                         r"\(input shape \(4, 5, 2, 2\)\)"):
+        fn(tf.zeros([4, 5, 2, 2]))
+    with pytest.raises(ValueError, match=r"my_actnorm: expected an input of rank 4, got shape \(4, 3\)"):
+        fn(tf.zeros([4, 3]))
+    with pytest.raises(ValueError, match="my_actnorm: build the layer"):
+        getattr(tf_actnorm.ActNorm(name="my_actnorm"), method)(tf.zeros([4, 3]))
 
 
 @pytest.mark.parametrize("dtype", ["int32", "int64", "bool"])

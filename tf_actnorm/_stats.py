@@ -13,6 +13,8 @@ import functools
 
 import tensorflow as tf
 
+from tf_actnorm import _checks
+
 Moments = collections.namedtuple("Moments", ["count", "mean", "m2"])
 Moments.__doc__ = """Per-channel count, mean and sum of squared deviations (``m2``)."""
 
@@ -162,7 +164,13 @@ def is_valid(m):
 
 def check(m, name, enabled=True):
     """Assertions that raise ``InvalidArgumentError`` naming ``name`` when ``enabled``
-    and the moments cannot initialise. XLA compiles them away (see ``_state``)."""
+    and the moments cannot initialise.
+
+    None while tracing for XLA: XLA would drop them anyway, logging a line per op at
+    every compile; the caller's selection (see ``_state``) keeps the state unchanged.
+    """
+    if _checks.in_xla_context():
+        return []
     skip = tf.logical_not(tf.cast(enabled, tf.bool))
     return [
         tf.debugging.Assert(tf.logical_or(skip, _has_data(m)),

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from tf_actnorm import _checks
 from tf_actnorm import _math
 from tf_actnorm import _state
 
@@ -127,6 +128,7 @@ class ActNorm(keras.layers.Layer):
 
     def inverse(self, outputs):
         """``x = outputs / s - b``: the exact inverse of the layer (never initialises)."""
+        self._check_input(outputs)
         outputs = tf.convert_to_tensor(outputs, self.compute_dtype)
         return _math.inverse(outputs, self.bias, self.log_scale, self.axis)
 
@@ -140,6 +142,7 @@ class ActNorm(keras.layers.Layer):
         training step does) so that an uninitialised layer initialises before its
         log-det is taken.
         """
+        self._check_input(inputs)
         inputs = tf.convert_to_tensor(inputs)
         if mask is None:
             positions = _math.positions_per_example(inputs, self.axis)
@@ -148,6 +151,15 @@ class ActNorm(keras.layers.Layer):
             mask = tf.cast(mask, tf.int64)
             positions = tf.reduce_sum(mask, axis=list(range(1, mask.shape.rank)))
         return _math.log_det(self.log_scale, positions)
+
+    def _check_input(self, x):
+        # `__call__` checks its input against `input_spec`; these methods bypass it.
+        if not self.built:
+            raise ValueError(
+                f"{self.name}: build the layer (call it once, or `layer.build(shape)`) "
+                "before `inverse` or `forward_log_det_jacobian`")
+        _checks.check_input(_checks.static_shape(x), self.axis, int(self.bias.shape[0]),
+                            self.name, rank=self.input_spec.ndim)
 
     def reset_initialization(self):
         """Re-arm data-dependent initialisation: the next training call initialises again."""
