@@ -32,8 +32,10 @@ How it measures
   ``ActNormBijector.forward``.
 * Train step: ``Conv2D(64, 3, same) -> norm`` on ``[32, 32, 32, 64]``, loss
   ``mean(y**2)``, ``GradientTape`` gradients and a Keras SGD update, in one
-  ``tf.function``. Baselines: the same with ``BatchNormalization``, and the Conv2D
-  alone (an "info" row: what the normalisation layer adds).
+  ``tf.function``. Baselines: the same with ``BatchNormalization``, with a
+  plain-autodiff affine layer of the same math (``exp(log_scale) * (x + bias)``, no
+  custom gradient), and the Conv2D alone (an "info" row: what the normalisation
+  layer adds).
 * ``model.fit``: a small CNN (3 conv blocks with ActNorm or BatchNormalization, then
   global pooling and a dense softmax), examples/s over whole epochs after a warm-up
   epoch, epochs of the two models interleaved. "auto" is Keras' default
@@ -54,6 +56,13 @@ How it measures
   the weights, not counted). These saved activations are what grows a train step's
   peak over the weights; the backward pass's own short-lived temporaries are not
   counted. The row's note gives the Conv2D alone, for the layers' own share.
+* Saved activations (the same proxy, or the GPU peak): ``Conv2D -> norm -> Conv2D``
+  on ``[16, 32, 32, 32]`` (the norm's output is the second convolution's input, which
+  that convolution keeps for its weight gradient), ActNorm and ``ActNormBijector``
+  against no norm (BatchNormalization and TFP's glow ActNorm in the note), and a Glow
+  step (ActNorm -> invertible 1x1 convolution -> affine coupling, loss with the
+  log-determinants) with and without ActNorm. "xla" rows trace the step with
+  ``jit_compile=True``: the graph that XLA compiles, read the same way.
 """
 
 import argparse
@@ -598,14 +607,21 @@ GROUPS = {
 
 
 def _cpu_name():
+    """The CPU model as /proc/cpuinfo (and ``lscpu``) name it, with its family and model
+    numbers: a virtual machine may report only "AMD EPYC" or "Intel Xeon", and CPU fast
+    paths differ between generations."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    numbers = [f"{key} {info[key]}" for key in ("cpu family", "model") if key in info]
+    return info["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def device_description():
