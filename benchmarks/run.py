@@ -32,8 +32,10 @@ How it measures
   ``ActNormBijector.forward``.
 * Train step: ``Conv2D(64, 3, same) -> norm`` on ``[32, 32, 32, 64]``, loss
   ``mean(y**2)``, ``GradientTape`` gradients and a Keras SGD update, in one
-  ``tf.function``. Baselines: the same with ``BatchNormalization``, and the Conv2D
-  alone (an "info" row: what the normalisation layer adds).
+  ``tf.function``. Baselines: the same with ``BatchNormalization``, with a
+  plain-autodiff affine layer of the same math (``exp(log_scale) * (x + bias)``, no
+  custom gradient), and the Conv2D alone (an "info" row: what the normalisation
+  layer adds).
 * ``model.fit``: a small CNN (3 conv blocks with ActNorm or BatchNormalization, then
   global pooling and a dense softmax), examples/s over whole epochs after a warm-up
   epoch, epochs of the two models interleaved. "auto" is Keras' default
@@ -54,6 +56,13 @@ How it measures
   the weights, not counted). These saved activations are what grows a train step's
   peak over the weights; the backward pass's own short-lived temporaries are not
   counted. The row's note gives the Conv2D alone, for the layers' own share.
+* Saved activations (the same proxy, or the GPU peak): ``Conv2D -> norm -> Conv2D``
+  on ``[16, 32, 32, 32]`` (the norm's output is the second convolution's input, which
+  that convolution keeps for its weight gradient), ActNorm and ``ActNormBijector``
+  against no norm (BatchNormalization and TFP's glow ActNorm in the note), and a Glow
+  step (ActNorm -> invertible 1x1 convolution -> affine coupling, loss with the
+  log-determinants) with and without ActNorm. "xla" rows trace the step with
+  ``jit_compile=True``: the graph that XLA compiles, read the same way.
 """
 
 import argparse
@@ -64,6 +73,8 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Measure this checkout's tf_actnorm, not whichever copy is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -82,11 +93,14 @@ ROWS = (
      for cand, base in (("layer(training=False)", "bare"), ("layer(training=True)", "bare"),
                         ("bijector", "bare"), ("bijector", "tfp-glow"))]
     + [f"train step/{mode}/Conv2D+ActNorm vs {base}" for mode, _ in MODES
-       for base in ("Conv2D+BatchNorm", "Conv2D alone")]
+       for base in ("Conv2D+BatchNorm", "Conv2D+plain affine", "Conv2D alone")]
     + [f"fit/{mode}/ActNorm CNN vs BatchNorm CNN" for mode in ("auto", "graph")]
     + [f"log-det/{kind}/{hw}" for kind in ("layer", "bijector") for hw in ("large", "largest")]
     + [f"first call/{mode}/{shape}" for shape in ("4d", "5d") for mode, _ in MODES]
     + ["peak memory/train step/Conv2D+ActNorm vs Conv2D+BatchNorm"]
+    + [f"peak memory/Conv2D-norm-Conv2D/{mode}/{key} vs no norm" for mode, _ in MODES
+       for key in ("ActNorm", "ActNormBijector")]
+    + [f"peak memory/Glow step/{mode}/with ActNorm vs without" for mode, _ in MODES]
 )
 
 
@@ -213,13 +227,28 @@ def forward_rows(table, args):
         assert bool(layer.initialized.numpy())
 
 
+class PlainAffine(keras.layers.Layer):
+    """``exp(log_scale) * (x + bias)`` differentiated by TensorFlow: ActNorm's math with
+    no custom gradient and no data-dependent initialisation (a baseline)."""
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+        self.log_scale = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, x):
+        return tf.exp(self.log_scale) * (x + self.bias)
+
+
+def _norm_layer(norm):
+    return {"actnorm": tf_actnorm.ActNorm, "batchnorm": keras.layers.BatchNormalization,
+            "plain": PlainAffine}[norm]()
+
+
 def _conv_model(norm, shape):
     keras.utils.set_random_seed(0)
     layers = [keras.Input(shape[1:]), keras.layers.Conv2D(shape[-1], 3, padding="same")]
-    if norm == "actnorm":
-        layers.append(tf_actnorm.ActNorm())
-    elif norm == "batchnorm":
-        layers.append(keras.layers.BatchNormalization())
+    if norm != "none":
+        layers.append(_norm_layer(norm))
     return keras.Sequential(layers)
 
 
@@ -243,8 +272,9 @@ def train_step_rows(table, args):
     x = tf.random.normal(shape, seed=4) * 2.0 + 0.5
     for mode, jit in MODES:
         steps = {norm: _train_step(_conv_model(norm, shape), jit)
-                 for norm in ("actnorm", "batchnorm", "none")}
+                 for norm in ("actnorm", "batchnorm", "plain", "none")}
         for base, key, target in (("batchnorm", "Conv2D+BatchNorm", 1.00),
+                                  ("plain", "Conv2D+plain affine", 1.05),
                                   ("none", "Conv2D alone", None)):
             tc, tb, ratio = compare_times(
                 lambda: steps["actnorm"](x), lambda: steps[base](x), args.repeats)
@@ -366,23 +396,26 @@ _VIEWS = {"Identity", "IdentityN", "Reshape", "Squeeze", "ExpandDims", "Snapshot
 _NOT_ACTIVATIONS = {"Const", "VarHandleOp", "ReadVariableOp"}
 
 
-def saved_for_backward_bytes(model, x):
+def _loss_and_grads(loss_fn, variables, jit_compile):
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(x)
+        return loss, tape.gradient(loss, variables)
+
+    return tf.function(step, jit_compile=jit_compile)
+
+
+def saved_for_backward_bytes(loss_fn, variables, x, jit_compile=False):
     """Bytes of the forward tensors that the backward pass of a train step reads.
 
-    Traces ``loss = mean(model(x)**2)`` and its ``GradientTape`` gradients. Forward ops:
+    Traces ``loss_fn(x)`` and its ``GradientTape`` gradients with respect to
+    ``variables`` (with ``jit_compile``: the graph that XLA compiles). Forward ops:
     the data-flow ancestors of the loss; backward ops: those of the gradients, less
     the forward ones. A forward tensor read by a backward op must be kept from the
     forward pass to the backward pass. Views are resolved to what they view;
     constants and variables (the weights) are not counted.
     """
-
-    @tf.function
-    def loss_and_grads(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(x, training=True)))
-        return loss, tape.gradient(loss, model.trainable_variables)
-
-    graph = loss_and_grads.get_concrete_function(x).graph
+    graph = _loss_and_grads(loss_fn, variables, jit_compile).get_concrete_function(x).graph
     loss, *grads = graph.outputs
 
     def ancestors(tensors):
@@ -437,7 +470,9 @@ def memory_rows(table, args):
         if _GPU:
             measured[norm] = gpu_step_peak_bytes(_train_step(model, jit=False), x)
         else:
-            measured[norm] = saved_for_backward_bytes(model, x)
+            measured[norm] = saved_for_backward_bytes(
+                lambda x: tf.reduce_mean(tf.square(model(x, training=True))),
+                model.trainable_variables, x)
     what = ("GPU peak bytes allocated during one step" if _GPU
             else "CPU proxy: bytes of forward tensors kept for the backward pass")
     table.add("peak memory/train step/Conv2D+ActNorm vs Conv2D+BatchNorm",
@@ -445,6 +480,117 @@ def memory_rows(table, args):
               measured["actnorm"] / measured["batchnorm"], 1.00,
               note=f"{what}; x {list(shape)} f32; bytes: {measured['actnorm']:,} vs "
                    f"{measured['batchnorm']:,}, Conv2D alone {measured['none']:,}")
+    saved_activation_rows(table, args)
+
+
+class _BijectorLayer(keras.layers.Layer):
+    """A bijector's ``forward`` as a layer (its variables are passed to the tape)."""
+
+    def __init__(self, bijector, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = bijector
+
+    def call(self, x, training=None):
+        return self.inner.forward(x)
+
+
+def _conv_norm_conv(norm, x):
+    """``Conv2D -> norm -> Conv2D`` (the norm's output feeds a layer that keeps it for
+    its own weight gradient): ``(loss_fn, variables)`` of ``mean(out**2)``."""
+    keras.utils.set_random_seed(0)
+    channels = x.shape[-1]
+    first, second = (keras.layers.Conv2D(channels, 3, padding="same") for _ in range(2))
+    bijector = {"bijector": lambda: tf_actnorm.ActNormBijector(channels),
+                "tfp-glow": lambda: glow.ActivationNormalization(channels)}.get(norm)
+    layers = [first, second]
+    if bijector is not None:
+        layers.insert(1, _BijectorLayer(bijector()))
+    elif norm != "none":
+        layers.insert(1, _norm_layer(norm))
+    model = keras.Sequential(layers)
+    model(x, training=True)  # builds and initialises
+    variables = list(model.trainable_variables)
+    if bijector is not None:
+        variables += list(layers[1].inner.trainable_variables)
+    return lambda x: tf.reduce_mean(tf.square(model(x, training=True))), variables
+
+
+class GlowStep(keras.layers.Layer):
+    """One Glow step: [ActNorm ->] invertible 1x1 convolution -> affine coupling.
+
+    Returns ``(z, log_det)``; the coupling's network is ``Conv2D(hidden, 3) -> ReLU ->
+    Conv2D(C, 3)`` on the first half of the channels, giving ``log s`` and ``t`` for the
+    second half (``s = sigmoid(log s + 2)``, as in Glow).
+    """
+
+    def __init__(self, actnorm, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.actnorm = tf_actnorm.ActNorm() if actnorm else None
+        self.hidden = hidden
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.mix = self.add_weight(shape=(channels, channels), initializer="orthogonal")
+        self.net = keras.Sequential([
+            keras.layers.Conv2D(self.hidden, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")])
+        if self.actnorm is not None:
+            self.actnorm.build(input_shape)
+
+    def call(self, x, training=None):
+        log_det = 0.0
+        if self.actnorm is not None:
+            log_det += self.actnorm.forward_log_det_jacobian(x)
+            x = self.actnorm(x, training=training)
+        positions = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), x.dtype)
+        x = tf.einsum("bhwc,cd->bhwd", x, self.mix)
+        log_det += positions * tf.linalg.slogdet(self.mix)[1]
+        xa, xb = tf.split(x, 2, axis=-1)
+        log_s, shift = tf.split(self.net(xa), 2, axis=-1)
+        scale = tf.sigmoid(log_s + 2.0)
+        log_det += tf.reduce_sum(tf.math.log(scale), [1, 2, 3])
+        return tf.concat([xa, (xb + shift) * scale], -1), log_det
+
+
+def _glow_step(actnorm, x):
+    keras.utils.set_random_seed(0)
+    step = GlowStep(actnorm, hidden=x.shape[-1])
+    step(x, training=True)  # builds and initialises
+
+    def loss_fn(x):
+        z, log_det = step(x, training=True)
+        return 0.5 * tf.reduce_mean(tf.square(z)) - tf.reduce_mean(log_det) / x.shape[1:].num_elements()
+
+    return loss_fn, step.trainable_variables
+
+
+def _activation_bytes(network, x, jit):
+    loss_fn, variables = network
+    if _GPU:
+        step = _loss_and_grads(loss_fn, variables, jit)
+        return gpu_step_peak_bytes(step, x)
+    return saved_for_backward_bytes(loss_fn, variables, x, jit_compile=jit)
+
+
+def saved_activation_rows(table, args):
+    """ActNorm keeps no activation of its own for backprop (issue 14)."""
+    shape = (4, 16, 16, 16) if args.quick else (16, 32, 32, 32)
+    x = tf.random.normal(shape, seed=7)
+    what = "GPU peak bytes" if _GPU else "CPU proxy"
+    for mode, jit in MODES:
+        measured = {norm: _activation_bytes(_conv_norm_conv(norm, x), x, jit)
+                    for norm in ("none", "actnorm", "bijector", "batchnorm", "tfp-glow")}
+        for norm, key in (("actnorm", "ActNorm"), ("bijector", "ActNormBijector")):
+            table.add(f"peak memory/Conv2D-norm-Conv2D/{mode}/{key} vs no norm",
+                      _mib(measured[norm]), _mib(measured["none"]),
+                      measured[norm] / measured["none"], 1.01,
+                      note=f"{what}; x {list(shape)} f32; BatchNorm "
+                           f"{_mib(measured['batchnorm'])}, TFP glow {_mib(measured['tfp-glow'])}")
+        with_norm = _activation_bytes(_glow_step(True, x), x, jit)
+        without = _activation_bytes(_glow_step(False, x), x, jit)
+        table.add(f"peak memory/Glow step/{mode}/with ActNorm vs without", _mib(with_norm),
+                  _mib(without), with_norm / without, 1.01,
+                  note=f"{what}; ActNorm -> 1x1 conv -> affine coupling; x {list(shape)} f32")
 
 
 GROUPS = {
@@ -461,14 +607,21 @@ GROUPS = {
 
 
 def _cpu_name():
+    """The CPU model as /proc/cpuinfo (and ``lscpu``) name it, with its family and model
+    numbers: a virtual machine may report only "AMD EPYC" or "Intel Xeon", and CPU fast
+    paths differ between generations."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    numbers = [f"{key} {info[key]}" for key in ("cpu family", "model") if key in info]
+    return info["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def device_description():

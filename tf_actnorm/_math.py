@@ -23,40 +23,79 @@ def _broadcast(vector, like, axis):
     return tf.reshape(tf.cast(vector, like.dtype), channel_shape(like.shape.rank, axis))
 
 
-def scale_shift(x, scale, shift, axis):
-    """``x * scale + shift`` for channel-shaped ``scale``/``shift``: the only op on the
-    big tensor, forward and inverse.
-
-    Its gradient is TensorFlow's for these two ops (``dy * scale`` and the per-channel
-    sums of ``dy * x`` and ``dy``), with the per-channel sums taken by
-    :func:`tf_actnorm._stats.channel_sum`: on CPU the reductions that autodiff would
-    emit dominate the backward pass (20-30x slower than the multiply-add under XLA).
-    """
-
-    @tf.custom_gradient
-    def _scale_shift(x, scale, shift):
-        def grad(dy):
-            def sum_to(t, like):
-                return tf.reshape(_stats.channel_sum(t, axis), tf.shape(like))
-
-            return dy * scale, sum_to(dy * x, scale), sum_to(dy, shift)
-
-        return x * scale + shift, grad
-
-    # Tensors, not variables: a variable read inside a custom gradient needs more plumbing.
-    return _scale_shift(tf.convert_to_tensor(x), scale, shift)
-
-
 def forward(x, bias, log_scale, axis):
-    """``s * (x + b)`` as one multiply-add on the big tensor: ``x * s + (b * s)``."""
-    scale = tf.exp(log_scale)
-    return scale_shift(x, _broadcast(scale, x, axis), _broadcast(bias * scale, x, axis), axis)
+    """``s * (x + b)`` as one multiply-add on the big tensor: ``x * s + (b * s)``.
+
+    Its gradient is computed from the output ``y``, never from ``x`` (see
+    :func:`_affine`): ``dL/dx = s * dy``, ``dL/db = s * sum(dy)``,
+    ``dL/dlog_scale = sum(dy * y)``.
+    """
+    return _affine(x, bias, log_scale, axis, inverse=False)
 
 
 def inverse(y, bias, log_scale, axis):
-    """``y / s - b``, as ``y * exp(-log s) + (-b)``."""
-    return scale_shift(
-        y, _broadcast(tf.exp(-log_scale), y, axis), _broadcast(-bias, y, axis), axis)
+    """``y / s - b``, as the multiply-add ``y * exp(-log s) + (-b)``.
+
+    Its gradient is computed from the output ``x``, never from ``y``:
+    ``dL/dy = dx / s``, ``dL/db = -sum(dx)``, ``dL/dlog_scale = -sum(dx * (x + b))``.
+    """
+    return _affine(y, bias, log_scale, axis, inverse=True)
+
+
+def _affine(t, bias, log_scale, axis, inverse):
+    """The transform and a gradient that keeps no activation of its own for backprop.
+
+    A train step keeps, from the forward pass to the backward pass, every tensor that
+    the backward pass reads. Autodiff of ``x * s + c`` (or a custom gradient written
+    from ``x``) reads the input ``x``; this gradient reads only the output, which the
+    next layer (a convolution, a 1x1 convolution, a coupling network) keeps anyway for
+    its own weight gradient. So ActNorm adds no saved activation to a train step.
+
+    Forward (``y = s * (x + b)``, ``s = exp(l)``): ``dy/dl = s * (x + b) = y`` and
+    ``dy/db = s``. Inverse (``x = y / s - b``): ``dx/dl = -y / s = -(x + b)`` and
+    ``dx/db = -1``. The per-channel sums, the only reductions of the backward pass,
+    are :func:`channel_grads`'s.
+    """
+    # Variables are read here, once; the custom gradient gets tensors.
+    bias = tf.convert_to_tensor(bias)
+    log_scale = tf.convert_to_tensor(log_scale)
+
+    @tf.custom_gradient
+    def _transform(t, bias, log_scale):
+        if inverse:
+            scale = tf.exp(-log_scale)
+            shift = -bias
+        else:
+            scale = tf.exp(log_scale)
+            shift = bias * scale
+        out = t * _broadcast(scale, t, axis) + _broadcast(shift, t, axis)
+
+        def grad(d_out):
+            # Forward: sum(dy * y); inverse: sum(dx * (x + b)), the centre being -b.
+            center = -bias if inverse else None
+            d_t, d_scaled, d_sum = channel_grads(d_out, out, scale, center, axis)
+            d_sum = tf.cast(d_sum, bias.dtype)
+            d_scaled = tf.cast(d_scaled, log_scale.dtype)
+            if inverse:
+                return d_t, -d_sum, -d_scaled
+            return d_t, scale * d_sum, d_scaled
+
+        return out, grad
+
+    return _transform(tf.convert_to_tensor(t), bias, log_scale)
+
+
+def channel_grads(d_out, out, scale, center, axis):
+    """``(d_out * scale, sum(d_out * (out - center)), sum(d_out))``, the sums per channel.
+
+    ``scale`` and ``center`` are [C] vectors (``center`` may be ``None``: zero). The
+    backward pass of :func:`forward` and :func:`inverse` in one place; the sums are
+    :func:`tf_actnorm._stats.channel_sum`'s.
+    """
+    centered = out if center is None else out - _broadcast(center, out, axis)
+    return (d_out * _broadcast(scale, d_out, axis),
+            _stats.channel_sum(d_out * centered, axis),
+            _stats.channel_sum(d_out, axis))
 
 
 def log_det(log_scale, positions):
