@@ -174,7 +174,7 @@ def test_bijector_shares_the_layers_variables(rng):
     assert np.abs(after - before).max() > 1e-3
     np.testing.assert_allclose(after, bijector.forward(x).numpy(), rtol=1e-6)  # ... the layer follows
     with tf.GradientTape() as tape:  # and back: train through the layer, the bijector follows
-        loss = tf.reduce_mean((layer(x) + 1.0) ** 2)
+        loss = tf.reduce_mean((layer(x, training=True) + 1.0) ** 2)
     optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables))
     np.testing.assert_allclose(bijector.forward(x).numpy(), layer(x, training=False).numpy(), rtol=1e-6)
     assert np.abs(bijector.forward(x).numpy() - after).max() > 1e-3

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_actnorm
-from tests.util import assert_unchanged, numpy_init, snapshot
+from tests.util import assert_unchanged, assign_parameters, numpy_init, snapshot
 
 # (shape, axis): every rank 2..5, channels-last and channels-first.
 SHAPES = [
@@ -32,7 +32,7 @@ def _data(rng, shape, axis, loc=3.0, scale=2.0):
 def test_init_matches_numpy_and_standardises(rng, shape, axis):
     x = _data(rng, shape, axis)
     layer = tf_actnorm.ActNorm(axis=axis)
-    y = layer(x).numpy()
+    y = layer(x, training=True).numpy()
     bias, log_scale = numpy_init(x, axis)
     np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)
@@ -45,11 +45,10 @@ def test_init_matches_numpy_and_standardises(rng, shape, axis):
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)
 def test_forward_matches_formula_and_inverse_round_trips(rng, shape, axis):
     layer = tf_actnorm.ActNorm(axis=axis)
-    layer(_data(rng, shape, axis))
+    layer(_data(rng, shape, axis), training=True)
     # Move away from the init values so the test covers arbitrary parameters.
     channels = shape[axis]
-    layer.bias.assign(rng.normal(size=channels).astype("float32"))
-    layer.log_scale.assign(rng.normal(size=channels).astype("float32"))
+    assign_parameters(layer, bias=rng.normal(size=channels), log_scale=rng.normal(size=channels))
     x = rng.normal(size=shape).astype("float32")
     y = layer(x)
     cshape = [1] * len(shape)
@@ -62,8 +61,8 @@ def test_forward_matches_formula_and_inverse_round_trips(rng, shape, axis):
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)
 def test_log_det_equals_numeric_jacobian(rng, shape, axis):
     layer = tf_actnorm.ActNorm(axis=axis)
-    layer(_data(rng, shape, axis))
-    layer.log_scale.assign(rng.normal(scale=0.5, size=shape[axis]).astype("float32"))
+    layer(_data(rng, shape, axis), training=True)
+    assign_parameters(layer, log_scale=rng.normal(scale=0.5, size=shape[axis]))
     x = tf.constant(rng.normal(size=shape).astype("float32"))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -79,7 +78,7 @@ def test_log_det_equals_numeric_jacobian(rng, shape, axis):
 
 def test_log_det_with_dynamic_shapes(rng):
     layer = tf_actnorm.ActNorm()
-    layer(_data(rng, (4, 5, 6, 3), -1))
+    layer(_data(rng, (4, 5, 6, 3), -1), training=True)
     fn = tf.function(layer.forward_log_det_jacobian,
                      input_signature=[tf.TensorSpec([None, None, None, 3])])
     for shape in [(2, 4, 4, 3), (5, 7, 3, 3)]:
@@ -89,7 +88,7 @@ def test_log_det_with_dynamic_shapes(rng):
 
 def test_initialises_only_once(rng):
     layer = tf_actnorm.ActNorm()
-    layer(_data(rng, (32, 4), -1))
+    layer(_data(rng, (32, 4), -1), training=True)
     before = snapshot(layer)
     layer(_data(rng, (32, 4), -1, loc=-100.0, scale=50.0), training=True)
     assert_unchanged(before, snapshot(layer))
@@ -110,7 +109,7 @@ def test_training_false_never_initialises(rng):
 
 def _eager_init(x):
     layer = tf_actnorm.ActNorm()
-    layer(x)
+    layer(x, training=True)
     return layer
 
 
@@ -156,11 +155,15 @@ def test_symbolic_models_and_summary():
     layer = functional.get_layer("an")
     assert not layer.initialized.numpy()  # no init from a symbolic tensor
     assert tuple(outputs.shape) == (None, 6, 6, 5)
-    assert layer.count_params() == 2 * 5 + 1
+    # Trainable residuals (2C), their data-dependent parts (2C) and the flag.
+    assert layer.count_params() == 4 * 5 + 1
     assert sum(int(np.prod(w.shape)) for w in layer.trainable_weights) == 10
+    assert [w.name for w in layer.trainable_weights] == ["bias_residual", "log_scale_residual"]
+    assert [w.name for w in layer.non_trainable_weights] == [
+        "initial_bias", "initial_log_scale", "initialized"]
     lines = []
     functional.summary(print_fn=lambda line, **_: lines.append(line))
-    assert any("an (ActNorm)" in line and " 11 " in line for line in lines)
+    assert any("an (ActNorm)" in line and " 21 " in line for line in lines)
     sequential = keras.Sequential([keras.Input((7, 2)), tf_actnorm.ActNorm(), keras.layers.Dense(1)])
     assert tuple(sequential.output_shape) == (None, 7, 1)
     assert not sequential.layers[0].initialized.numpy()
@@ -196,7 +199,7 @@ def test_bad_axis_is_rejected():
 
 def test_channel_mismatch_is_rejected(rng):
     layer = tf_actnorm.ActNorm(name="my_actnorm")
-    layer(_data(rng, (4, 3), -1))
+    layer(_data(rng, (4, 3), -1), training=True)
     before = snapshot(layer)
     with pytest.raises(ValueError, match="my_actnorm"):
         layer(tf.zeros([4, 5]))
@@ -248,7 +251,7 @@ def test_zero_variance_channel_gets_finite_scale(rng):
     x = _data(rng, (16, 3), -1)
     x[:, 1] = 7.0
     layer = tf_actnorm.ActNorm(epsilon=1e-6)
-    y = layer(x).numpy()
+    y = layer(x, training=True).numpy()
     assert np.all(np.isfinite(layer.log_scale.numpy()))
     np.testing.assert_allclose(np.exp(layer.log_scale.numpy()[1]), 1e6, rtol=1e-4)
     np.testing.assert_allclose(y[:, 1], 0.0)

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_actnorm
-from tests.util import numpy_init
+from tests.util import assign_parameters, numpy_init
 
 
 def _padded(rng, lengths, steps=6, channels=3):
@@ -19,7 +19,7 @@ def _padded(rng, lengths, steps=6, channels=3):
 def test_masked_init_uses_valid_positions_only(rng):
     x, mask = _padded(rng, [6, 2, 4, 1])
     layer = tf_actnorm.ActNorm()
-    y = layer(x, mask=mask)
+    y = layer(x, mask=mask, training=True)
     bias, log_scale = numpy_init(x, valid=mask)
     np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5)
     np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)
@@ -49,7 +49,7 @@ def test_embedding_mask_zero(rng):
     embedding = keras.layers.Embedding(10, 4, mask_zero=True)
     layer = tf_actnorm.ActNorm()
     embedded = embedding(tokens)
-    layer(embedded)
+    layer(embedded, training=True)
     bias, _ = numpy_init(embedded.numpy(), valid=tokens != 0)
     np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5, atol=1e-6)
 
@@ -57,8 +57,8 @@ def test_embedding_mask_zero(rng):
 def test_masked_log_det_equals_numeric_jacobian_on_valid_positions(rng):
     x, mask = _padded(rng, [4, 1, 3], steps=4, channels=2)
     layer = tf_actnorm.ActNorm()
-    layer(x, mask=mask)
-    layer.log_scale.assign([0.3, -0.7])
+    layer(x, mask=mask, training=True)
+    assign_parameters(layer, log_scale=[0.3, -0.7])
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)

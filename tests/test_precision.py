@@ -15,7 +15,7 @@ def test_mixed_precision_keeps_float32_variables_and_float32_statistics(rng, pol
     layer = tf_actnorm.ActNorm()
     # Magnitude ~300: squares (~9e4) overflow float16 (max 65504).
     x = (rng.normal(size=(64, 4)) * 20 + [300, -300, 250, 0]).astype("float32")
-    y = layer(x)
+    y = layer(x, training=True)
     assert y.dtype == compute
     assert layer.bias.dtype == "float32" and layer.log_scale.dtype == "float32"
     assert np.all(np.isfinite(layer.log_scale.numpy()))
@@ -49,7 +49,7 @@ def test_mixed_float16_fit_with_loss_scaling(rng):
 def test_float64_layer_works_in_float64(rng):
     layer = tf_actnorm.ActNorm(dtype="float64")
     x = rng.normal(size=(32, 3)) * 1e-3 + 1.0
-    y = layer(x)
+    y = layer(x, training=True)
     assert y.dtype == "float64" and layer.bias.dtype == "float64"
     bias, log_scale = numpy_init(x)
     np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-12)
@@ -62,7 +62,7 @@ def test_large_offset_does_not_cancel_the_variance(rng):
     # mean 1e4, std 1 in float32: E[x^2] - E[x]^2 would lose every digit of the variance.
     x = (rng.normal(size=(4096, 3)) + 1e4).astype("float32")
     layer = tf_actnorm.ActNorm()
-    layer(x)
+    layer(x, training=True)
     std = np.asarray(x, np.float64).std(0)
     np.testing.assert_allclose(np.exp(-layer.log_scale.numpy()) - 1e-6, std, rtol=1e-3)
     # The mean is accumulated in float32: ~1e-6 relative.
