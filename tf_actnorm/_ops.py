@@ -111,11 +111,16 @@ def maybe_initialize(layer, inputs, mask, training):
         needed = ops.logical_and(needed, ops.cast(training, "bool"))
     variables = (layer.initial_bias, layer.initial_log_scale)
     old = tuple(ops.convert_to_tensor(v) for v in variables)
-    residuals = (ops.convert_to_tensor(layer.bias_residual),
-                 ops.convert_to_tensor(layer.log_scale_residual))
+    # No gradient flows through initialisation, as on TensorFlow (where the variables
+    # are read after the assignment): the initial values are constants to autodiff.
+    # That also keeps the guard out of the backward pass, which would otherwise add a
+    # transposed cond and an input-sized zero gradient to every train step.
+    data = ops.stop_gradient(inputs)
+    residuals = (ops.stop_gradient(ops.convert_to_tensor(layer.bias_residual)),
+                 ops.stop_gradient(ops.convert_to_tensor(layer.log_scale_residual)))
 
     def init():
-        count, mean, m2 = moments(inputs, layer.axis, mask)
+        count, mean, m2 = moments(data, layer.axis, mask)
         valid = _formulas.is_valid(ops, count, mean, m2)
         values = _formulas.init_from_inputs(
             ops, mean, _formulas.variance(ops, count, m2), layer.epsilon)

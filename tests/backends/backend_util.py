@@ -34,3 +34,16 @@ def jacobian(fn, x):
     import torch
 
     return torch.autograd.functional.jacobian(fn, torch.as_tensor(x)).numpy()
+
+
+def grad(fn, x):
+    """d sum(fn(x)) / dx by the backend's own autodiff."""
+    if BACKEND == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda t: fn(t).sum())(x))
+    import torch
+
+    t = torch.as_tensor(x).requires_grad_(True)
+    fn(t).sum().backward()
+    return t.grad.numpy()

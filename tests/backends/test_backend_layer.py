@@ -15,7 +15,7 @@ import pytest
 from keras import ops
 
 import tf_actnorm
-from backend_util import BACKEND, data, jacobian, npy, weights
+from backend_util import BACKEND, data, grad, jacobian, npy, weights
 from tests.util import numpy_init
 
 DATA = os.path.join(os.path.dirname(__file__), os.pardir, "data")
@@ -121,6 +121,18 @@ def test_forward_inverse_and_log_det_jacobian(rng, shape, axis):
     jac = jac.reshape(n, dims, n, dims)
     expected = [np.linalg.slogdet(jac[i, :, i, :].astype(np.float64))[1] for i in range(n)]
     np.testing.assert_allclose(npy(layer.forward_log_det_jacobian(x)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_no_gradient_flows_through_initialisation(rng):
+    """As on TensorFlow (variables read after the assignment), the initialising call's
+    gradient is that of the initialised transform: ``dy/dx = s``, no path through the
+    batch statistics."""
+    x = data(rng, (6, 3))
+    w = rng.normal(size=(6, 3)).astype("float32")
+    layer = tf_actnorm.ActNorm()
+    g = grad(lambda t: layer(t, training=True) * ops.convert_to_tensor(w), x)
+    assert npy(layer.initialized)
+    np.testing.assert_allclose(g, w * np.exp(npy(layer.log_scale)), rtol=1e-5)
 
 
 def test_masked_init_and_log_det(rng):
