@@ -69,6 +69,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -85,6 +86,17 @@ from tensorflow_probability.python.bijectors import glow  # noqa: E402
 import tf_actnorm  # noqa: E402
 
 MODES = (("xla", True), ("graph", False))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Printed by benchmarks/jax_rows.py (JAX backend, jax.jit) in the TensorFlow-free
+# environment of tests/test_backends.py; targets: forward <= 1.05x, train step <= 1.00x.
+JAX_PYTHON = os.environ.get("TF_ACTNORM_JAX_PYTHON",
+                            os.path.join(ROOT, ".venv-backends", "bin", "python"))
+JAX_ROWS = [
+    "jax/forward 4d/jit/layer(training=False) vs bare",
+    "jax/forward 4d/jit/layer(training=True) vs bare",
+    "jax/train step/jit/Conv2D+ActNorm vs Conv2D+BatchNorm",
+    "jax/train step/jit/Conv2D+ActNorm vs Conv2D alone",
+]
 
 # Every row the script prints, by id (the test checks that each is printed).
 ROWS = (
@@ -101,6 +113,7 @@ ROWS = (
     + [f"peak memory/Conv2D-norm-Conv2D/{mode}/{key} vs no norm" for mode, _ in MODES
        for key in ("ActNorm", "ActNormBijector")]
     + [f"peak memory/Glow step/{mode}/with ActNorm vs without" for mode, _ in MODES]
+    + JAX_ROWS
 )
 
 
@@ -168,6 +181,11 @@ class Table:
         self.rows.append(row)
         print("| " + " | ".join(row) + " |", flush=True)
 
+    def add_cells(self, cells):
+        """A row measured elsewhere (benchmarks/jax_rows.py), already formatted."""
+        self.rows.append(tuple(cells))
+        print("| " + " | ".join(cells) + " |", flush=True)
+
     @staticmethod
     def header():
         print("| row | candidate | baseline | ratio | target | result | notes |")
@@ -199,7 +217,7 @@ def forward_rows(table, args):
         s = tf.Variable(tf.random.uniform([channels], 0.5, 2.0, seed=2))
         c = tf.Variable(tf.random.normal([channels], seed=3))
         layer = tf_actnorm.ActNorm()
-        layer(x)  # initialises
+        layer(x, training=True)  # initialises
         bijector = tf_actnorm.ActNormBijector(channels)
         bijector.forward(x)
         reference = glow.ActivationNormalization(channels)
@@ -593,6 +611,26 @@ def saved_activation_rows(table, args):
                   note=f"{what}; ActNorm -> 1x1 conv -> affine coupling; x {list(shape)} f32")
 
 
+def jax_rows(table, args):
+    """The JAX rows, from benchmarks/jax_rows.py run in the JAX environment; printed as
+    "skipped" (with the reason) where that environment does not exist."""
+    if not os.path.exists(JAX_PYTHON):
+        for row_id in JAX_ROWS:
+            table.add_cells((row_id, "—", "—", "—", "—", "skipped",
+                             f"no JAX environment at {JAX_PYTHON} (tests/test_backends.py "
+                             "creates it)"))
+        return
+    cmd = [JAX_PYTHON, os.path.join(ROOT, "benchmarks", "jax_rows.py"),
+           "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| jax/")]
+    for line in rows:
+        table.add_cells([c.strip() for c in line.strip().strip("|").split("|")])
+    if proc.returncode or len(rows) != len(JAX_ROWS):
+        print(f"benchmarks/jax_rows.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
 GROUPS = {
     "forward": forward_rows,
     "train": train_step_rows,
@@ -600,6 +638,7 @@ GROUPS = {
     "log-det": log_det_rows,
     "first": first_call_rows,
     "memory": memory_rows,
+    "jax": jax_rows,
 }
 
 

@@ -75,9 +75,22 @@ def _kind(variable):
 
 
 def _replica_state(strategy, obj):
-    names = ("bias", "log_scale", "initialized")
-    state = {name: _components(strategy, getattr(obj, name)) for name in names}
-    state["kinds"] = {name: _kind(getattr(obj, name)) for name in names}
+    """Each local replica's ``bias`` / ``log_scale`` / ``initialized`` and the kinds of
+    the variables behind them. For a layer (or a layer's bijector) the parameters in
+    use are the data-dependent variable plus the trainable residual, added here per
+    replica in float32 as the layer adds them; the residuals' kinds are listed too."""
+    import numpy as np
+
+    state_ = obj._state
+    variables = {"bias": state_.initial_bias, "log_scale": state_.initial_log_scale,
+                 "initialized": state_.initialized}
+    state = {name: _components(strategy, v) for name, v in variables.items()}
+    state["kinds"] = {name: _kind(v) for name, v in variables.items()}
+    if state_.residuals is not None:
+        for name, residual in zip(("bias", "log_scale"), state_.residuals):
+            state[name] = [(np.float32(a) + np.float32(r)).tolist() for a, r in
+                           zip(state[name], _components(strategy, residual), strict=True)]
+            state["kinds"][f"{name}_residual"] = _kind(residual)
     return state
 
 

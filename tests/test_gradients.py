@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import tf_actnorm
 from tf_actnorm import _math
+from tests.util import assign_parameters
 
 SHAPES = [(16, 3), (4, 5, 3), (3, 4, 5, 3), (2, 3, 4, 5, 3)]
 CASES = ([(shape, -1) for shape in SHAPES]
@@ -75,8 +76,7 @@ def _assert_close(got, expected):
 def _layer(shape, axis, bias, log_scale):
     layer = tf_actnorm.ActNorm(axis=axis)
     layer.build(shape)
-    layer.bias.assign(bias)
-    layer.log_scale.assign(log_scale)
+    assign_parameters(layer, bias=bias, log_scale=log_scale)
     layer.initialized.assign(True)  # training=True runs the steady state (guard in the graph)
     return layer
 
@@ -106,7 +106,8 @@ def test_layer_gradients_match_autodiff_of_the_plain_formula(rng, shape, axis, m
                 out = layer(t, training=True, mask=mask)
                 log_det = layer.forward_log_det_jacobian(t, mask=mask)
             loss = tf.reduce_sum(d_out * out) + tf.reduce_sum(weight * log_det)
-        return [out] + tape.gradient(loss, [t, layer.bias, layer.log_scale])
+        # The residuals' gradients are the parameters' (bias = initial_bias + residual).
+        return [out] + tape.gradient(loss, [t, layer.bias_residual, layer.log_scale_residual])
 
     got = _run(mode, ours, x, d_out)
     _assert_close(got, _reference(x, bias, log_scale, d_out, axis, inverse, weight, positions))
@@ -220,7 +221,7 @@ def test_backward_pass_reads_the_output_never_the_input(rng, kind, inverse, jit_
     t = tf.constant(rng.normal(size=shape), tf.float32)
     if kind == "layer":
         layer = _layer(shape, -1, rng.normal(size=8), rng.normal(size=8) * 0.3)
-        variables = [layer.bias.value, layer.log_scale.value]
+        variables = [layer.bias_residual.value, layer.log_scale_residual.value]
         fn = layer.inverse if inverse else (lambda t: layer(t, training=True))
     else:
         bijector = tf_actnorm.ActNormBijector(8)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_actnorm
-from tests.util import assert_unchanged, numpy_init, snapshot
+from tests.util import assert_unchanged, assign_parameters, numpy_init, snapshot
 
 # (shape, axis): every rank 2..5, channels-last and channels-first.
 SHAPES = [
@@ -48,8 +48,7 @@ def test_forward_matches_formula_and_inverse_round_trips(rng, shape, axis):
     layer(_data(rng, shape, axis), training=True)
     # Move away from the init values so the test covers arbitrary parameters.
     channels = shape[axis]
-    layer.bias.assign(rng.normal(size=channels).astype("float32"))
-    layer.log_scale.assign(rng.normal(size=channels).astype("float32"))
+    assign_parameters(layer, bias=rng.normal(size=channels), log_scale=rng.normal(size=channels))
     x = rng.normal(size=shape).astype("float32")
     y = layer(x)
     cshape = [1] * len(shape)
@@ -63,7 +62,7 @@ def test_forward_matches_formula_and_inverse_round_trips(rng, shape, axis):
 def test_log_det_equals_numeric_jacobian(rng, shape, axis):
     layer = tf_actnorm.ActNorm(axis=axis)
     layer(_data(rng, shape, axis), training=True)
-    layer.log_scale.assign(rng.normal(scale=0.5, size=shape[axis]).astype("float32"))
+    assign_parameters(layer, log_scale=rng.normal(scale=0.5, size=shape[axis]))
     x = tf.constant(rng.normal(size=shape).astype("float32"))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -156,11 +155,15 @@ def test_symbolic_models_and_summary():
     layer = functional.get_layer("an")
     assert not layer.initialized.numpy()  # no init from a symbolic tensor
     assert tuple(outputs.shape) == (None, 6, 6, 5)
-    assert layer.count_params() == 2 * 5 + 1
+    # Trainable residuals (2C), their data-dependent parts (2C) and the flag.
+    assert layer.count_params() == 4 * 5 + 1
     assert sum(int(np.prod(w.shape)) for w in layer.trainable_weights) == 10
+    assert [w.name for w in layer.trainable_weights] == ["bias_residual", "log_scale_residual"]
+    assert [w.name for w in layer.non_trainable_weights] == [
+        "initial_bias", "initial_log_scale", "initialized"]
     lines = []
     functional.summary(print_fn=lambda line, **_: lines.append(line))
-    assert any("an (ActNorm)" in line and " 11 " in line for line in lines)
+    assert any("an (ActNorm)" in line and " 21 " in line for line in lines)
     sequential = keras.Sequential([keras.Input((7, 2)), tf_actnorm.ActNorm(), keras.layers.Dense(1)])
     assert tuple(sequential.output_shape) == (None, 7, 1)
     assert not sequential.layers[0].initialized.numpy()

@@ -6,12 +6,9 @@ transform (``SelectV2`` broadcasting, ``Incompatible shapes``).
 """
 
 import numpy as np
-import tensorflow as tf
 
-try:  # Private, but the only way to ask whether the current trace is compiled by XLA.
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
-except ImportError:  # pragma: no cover - a TensorFlow without it: assertions stay.
-    GraphOrParentsInXlaContext = None
+# This module is imported on every Keras backend: TensorFlow only inside `in_xla_context`,
+# which only the TensorFlow path calls.
 
 
 def in_xla_context():
@@ -21,7 +18,14 @@ def in_xla_context():
     XLA drops ``Assert`` ops and logs one ``Ignoring Assert operator`` line per op at
     every compile, so callers build no assertions there.
     """
-    if GraphOrParentsInXlaContext is None or tf.executing_eagerly():
+    import tensorflow as tf  # noqa: PLC0415
+
+    try:  # Private, but the only way to ask whether the current trace is compiled by XLA.
+        from tensorflow.python.ops.control_flow_util import (  # noqa: PLC0415
+            GraphOrParentsInXlaContext)
+    except ImportError:  # pragma: no cover - a TensorFlow without it: assertions stay.
+        return False
+    if tf.executing_eagerly():
         return False
     return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
@@ -30,7 +34,8 @@ def check_input(shape, axis, channels, name, rank=None, min_rank=None):
     """Raise ``ValueError`` naming ``name`` when a static shape cannot be ActNorm's input.
 
     Args:
-        shape: The input's static shape (anything ``tf.TensorShape`` accepts).
+        shape: The input's static shape: a tuple of ints and Nones, or None (unknown
+            rank), as :func:`static_shape` gives.
         axis: The channel axis (negative: counted from the end).
         channels: Expected size C of the channel axis.
         name: Name of the layer or bijector, put first in the message.
@@ -39,32 +44,30 @@ def check_input(shape, axis, channels, name, rank=None, min_rank=None):
 
     Unknown ranks and unknown channel sizes pass: only static information is checked.
     """
-    shape = tf.TensorShape(shape)
-    if shape.rank is None:
+    if shape is None:
         return
-    if rank is not None and shape.rank != rank:
-        raise ValueError(f"{name}: expected an input of rank {rank}, got shape {_show(shape)}")
-    if min_rank is not None and shape.rank < min_rank:
+    if rank is not None and len(shape) != rank:
+        raise ValueError(f"{name}: expected an input of rank {rank}, got shape {shape}")
+    if min_rank is not None and len(shape) < min_rank:
         raise ValueError(
             f"{name}: expected an input of rank >= {min_rank} (channel axis {axis} of the "
-            f"event), got shape {_show(shape)}")
+            f"event), got shape {shape}")
     size = shape[axis]
     if size is not None and size != channels:
         raise ValueError(
             f"{name}: expected {channels} channels on axis {axis}, got {size} "
-            f"(input shape {_show(shape)})")
+            f"(input shape {shape})")
 
 
 def static_shape(x):
-    """The static shape of a tensor, variable, array or nested list, without building ops."""
+    """The static shape of a tensor (any backend), variable, array or nested list, as a
+    tuple of ints and Nones, or None when the rank is unknown; builds no ops."""
     shape = getattr(x, "shape", None)
     if shape is None:
         try:
             shape = np.shape(x)
         except ValueError:  # a ragged list: let the op that converts it complain
-            return tf.TensorShape(None)
-    return tf.TensorShape(shape)
-
-
-def _show(shape):
-    return tuple(shape.as_list())
+            return None
+    if getattr(shape, "rank", 0) is None:  # a tf.TensorShape of unknown rank
+        return None
+    return tuple(None if d is None else int(d) for d in shape)

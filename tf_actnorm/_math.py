@@ -4,12 +4,22 @@ Forward ``y = s * (x + b)``, inverse ``x = y / s - b`` and
 ``log|det dy/dx| = positions * sum_c log s_c``, with ``s = exp(log_scale)``.
 The layer and the bijector both call these functions; neither re-derives them.
 All functions take C-sized ``bias`` / ``log_scale`` and an input whose channel
-axis is ``axis``.
+axis is ``axis``. This is the TensorFlow implementation (the TensorFlow Keras backend
+and the TFP bijector); the formulas themselves live in ``_formulas``, shared with the
+``keras.ops`` implementation of the other backends (``_ops``).
 """
+
+import types
 
 import tensorflow as tf
 
+from tf_actnorm import _formulas
 from tf_actnorm import _stats
+
+# TensorFlow as the array namespace of `_formulas`.
+TF = types.SimpleNamespace(
+    sqrt=tf.sqrt, maximum=tf.maximum, log=tf.math.log, exp=tf.exp, sum=tf.reduce_sum,
+    cast=tf.cast, all=tf.reduce_all, isfinite=tf.math.is_finite, logical_and=tf.logical_and)
 
 
 def channel_shape(rank, axis):
@@ -62,12 +72,8 @@ def _affine(t, bias, log_scale, axis, inverse):
 
     @tf.custom_gradient
     def _transform(t, bias, log_scale):
-        if inverse:
-            scale = tf.exp(-log_scale)
-            shift = -bias
-        else:
-            scale = tf.exp(log_scale)
-            shift = bias * scale
+        coefficients = _formulas.inverse_coefficients if inverse else _formulas.forward_coefficients
+        scale, shift = coefficients(TF, bias, log_scale)
         out = t * _broadcast(scale, t, axis) + _broadcast(shift, t, axis)
 
         def grad(d_out):
@@ -104,8 +110,7 @@ def log_det(log_scale, positions):
     ``positions`` is the number of elements that share one channel (a scalar, or
     one count per example when a mask is used).
     """
-    total = tf.reduce_sum(log_scale)
-    return tf.cast(positions, total.dtype) * total
+    return _formulas.log_det(TF, log_scale, positions)
 
 
 def positions_per_example(x, axis):
@@ -119,13 +124,10 @@ def positions_per_example(x, axis):
 
 
 def init_from_inputs(mean, variance, epsilon):
-    """Parameters that standardise data with these moments: ``b = -mean``, ``s = 1/(std+eps)``."""
-    std = tf.sqrt(tf.maximum(variance, 0.0))
-    return -mean, -tf.math.log(std + epsilon)
+    """Parameters that standardise data with these moments (see ``_formulas``)."""
+    return _formulas.init_from_inputs(TF, mean, variance, epsilon)
 
 
 def init_from_outputs(mean, variance, epsilon):
-    """Parameters whose *inverse* standardises data with these moments:
-    ``x = y/s - b = (y - mean)/(std+eps)``, so ``s = std+eps`` and ``b = mean/s``."""
-    scale = tf.sqrt(tf.maximum(variance, 0.0)) + epsilon
-    return mean / scale, tf.math.log(scale)
+    """Parameters whose *inverse* standardises data with these moments (see ``_formulas``)."""
+    return _formulas.init_from_outputs(TF, mean, variance, epsilon)

@@ -14,6 +14,7 @@ import functools
 import tensorflow as tf
 
 from tf_actnorm import _checks
+from tf_actnorm import _formulas
 
 Moments = collections.namedtuple("Moments", ["count", "mean", "m2"])
 Moments.__doc__ = """Per-channel count, mean and sum of squared deviations (``m2``)."""
@@ -150,7 +151,7 @@ def combine(a, b):
 
 def variance(m):
     """Population variance (divide by the count), as ``tf.nn.moments`` gives."""
-    return m.m2 / tf.maximum(m.count, 1.0)
+    return _formulas.variance(tf.math, m.count, m.m2)
 
 
 def _has_data(m):

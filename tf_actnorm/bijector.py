@@ -90,11 +90,13 @@ class ActNormBijector(tfp.bijectors.Bijector):
             # variables. It also makes TFP's input/output cache, shared by bijectors with
             # equal parameters, tell apart two bijectors built with the same arguments.
             parameters["_state"] = _state
-            self._channels = int(_state.bias.shape[0])
-            # Attributes that tf.Module tracks as this bijector's variables.
-            self._bias = _state.bias
-            self._log_scale = _state.log_scale
+            self._channels = int(_state.initial_bias.shape[0])
+            # Attributes that tf.Module tracks as this bijector's variables (a layer's
+            # bijector also tracks the layer's trainable residuals: see ActNormState).
+            self._bias = _state.initial_bias
+            self._log_scale = _state.initial_log_scale
             self._initialized = _state.initialized
+            self._residuals = _state.residuals
             self._axis = axis
             self._epsilon = epsilon
             super().__init__(
@@ -113,21 +115,20 @@ class ActNormBijector(tfp.bijectors.Bijector):
                 f"{layer.name}: build the layer (call it once, or `layer.build(shape)`) "
                 "before taking its bijector")
         rank = layer.input_spec.ndim
-        state = _state.ActNormState(
-            layer.bias.value, layer.log_scale.value, layer.initialized.value,
-            layer.axis % rank - rank, layer.epsilon, layer.name)
+        state = layer._state
+        state.axis = layer.axis % rank - rank
         state.can_initialize = lambda: layer.trainable  # a frozen layer never changes
-        return cls(num_channels=int(layer.bias.shape[0]), axis=state.axis,
+        return cls(num_channels=int(layer.initial_bias.shape[0]), axis=state.axis,
                    epsilon=layer.epsilon, validate_args=validate_args,
                    name=name or layer.name, _state=state)
 
     @property
     def bias(self):
-        return self._bias
+        return self._state.bias
 
     @property
     def log_scale(self):
-        return self._log_scale
+        return self._state.log_scale
 
     @property
     def initialized(self):
@@ -226,11 +227,11 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
     def _forward(self, x):
         return self._init_then(
-            x, False, lambda: _math.forward(x, self._bias, self._log_scale, self._axis))
+            x, False, lambda: _math.forward(x, self.bias, self.log_scale, self._axis))
 
     def _inverse(self, y):
         return self._init_then(
-            y, True, lambda: _math.inverse(y, self._bias, self._log_scale, self._axis))
+            y, True, lambda: _math.inverse(y, self.bias, self.log_scale, self._axis))
 
     def _forward_log_det_jacobian(self, x):
         return self._init_then(x, False, lambda: self._event_log_det(x))
@@ -243,14 +244,14 @@ class ActNormBijector(tfp.bijectors.Bijector):
         # size of any further event dimensions.
         event_shape = tf.shape(x)[tf.rank(x) + self._axis:]
         positions = tf.reduce_prod(event_shape) // event_shape[0]
-        return _math.log_det(tf.convert_to_tensor(self._log_scale), positions)
+        return _math.log_det(tf.convert_to_tensor(self.log_scale), positions)
 
     def _parameter_control_dependencies(self, is_init):
         if not self.validate_args or is_init or _checks.in_xla_context():
             return []
         return [
-            tf.debugging.assert_all_finite(self._log_scale, f"{self.name}: log_scale is not finite"),
-            tf.debugging.assert_all_finite(self._bias, f"{self.name}: bias is not finite"),
+            tf.debugging.assert_all_finite(self.log_scale, f"{self.name}: log_scale is not finite"),
+            tf.debugging.assert_all_finite(self.bias, f"{self.name}: bias is not finite"),
         ]
 
 
