@@ -26,6 +26,7 @@ How a layer's pass runs, and why:
 
 import collections
 import itertools
+import time
 
 import keras
 import numpy as np
@@ -99,15 +100,17 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
     progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
     progress.update(0)
     done = 0
+
+    def advance(batches):
+        nonlocal done
+        done += batches
+        progress.update(done)
+
     summary = {}
     for layer in targets:
         step = _StatisticsStep(model, layer, stop=calls[layer] == 1)
-        moments = step.zeros()
         with step.collecting():
-            for batch in source.batches():
-                moments = step(batch, moments)
-                done += 1
-                progress.update(done)
+            moments = step.run(source, advance)
         layer._state.assign_from_moments(moments)
         summary[layer.name] = {
             "mean_abs_bias": float(np.mean(np.abs(layer.bias.numpy()))),
@@ -122,6 +125,7 @@ class _Source:
 
     def __init__(self, data, steps, batch_size):
         self.num_batches = None  # None: unknown until read
+        self.dataset = None  # a tf.data.Dataset is iterated inside the traced function
         self._one_shot = False
         if isinstance(data, tf.data.Dataset):
             if data.cardinality() == tf.data.INFINITE_CARDINALITY and steps is None:
@@ -133,6 +137,7 @@ class _Source:
                 data = data.take(steps)
             cardinality = int(data.cardinality())
             self.num_batches = cardinality if cardinality >= 0 else None
+            self.dataset = data
             self._open = lambda: iter(data)
         elif isinstance(data, (np.ndarray, tf.Tensor)):
             count = -(-len(data) // batch_size)
@@ -210,24 +215,51 @@ class _StopForward(BaseException):
 
 
 class _StatisticsStep:
-    """``(batch, moments) -> moments`` combined with the layer's inputs on ``batch``,
-    as a ``tf.function`` traced once (per input signature) while ``collecting``."""
+    """The moments of ``layer``'s inputs over every batch of a source, combined in
+    ``tf.function``s traced once per layer, while ``collecting``.
+
+    A ``tf.data.Dataset`` is read inside the function, up to ``limit`` batches per
+    call (sized to take about ``_CHUNK_SECONDS``, so that the progress bar moves):
+    for small batches that runs several times faster than a Python loop that calls
+    the function once per batch. Other sources are read in Python, one call per batch.
+    """
 
     def __init__(self, model, layer, stop):
         self.model, self.layer, self.stop = model, layer, stop
         self._seen = []
-        self._function = tf.function(self._step, reduce_retracing=True)
-
-    def zeros(self):
-        dtype = _stats.stats_dtype(self.layer.compute_dtype)
-        zeros = tf.zeros(self.layer.bias.shape, dtype)
-        return _stats.Moments(zeros, zeros, zeros)
+        # reduce_retracing: batches of other shapes (e.g. padded to their longest
+        # sequence) retrace once, with the dimensions that vary left unknown.
+        self._batch_function = tf.function(self._step, reduce_retracing=True)
+        self._chunk_function = tf.function(self._chunk)
 
     def collecting(self):
         return _collecting(self.layer, self._collect)
 
-    def __call__(self, batch, moments):
-        return self._function(batch, moments)
+    def run(self, source, advance):
+        """The moments over all of ``source``'s batches; ``advance(n)`` after each n."""
+        dtype = _stats.stats_dtype(self.layer.compute_dtype)
+        zeros = tf.zeros(self.layer.bias.shape, dtype)
+        moments = _stats.Moments(zeros, zeros, zeros)
+        if source.dataset is not None:
+            iterator, limit = iter(source.dataset), 1
+            while True:
+                start = time.perf_counter()
+                moments, read = self._chunk_function(iterator, moments, tf.constant(limit))
+                read = int(read)
+                advance(read)
+                if read < limit:
+                    return moments
+                seconds = time.perf_counter() - start
+                limit = int(min(max(limit * _CHUNK_SECONDS / max(seconds, 1e-6), 1), 2 * limit + 1))
+        for batch in source.batches():
+            if self._batch_function.experimental_get_tracing_count() == 0:
+                # Traced for any batch size up front: a last, smaller batch reuses it.
+                spec = tf.nest.map_structure(
+                    lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), batch)
+                self._batch_function.get_concrete_function(spec, moments)
+            moments = self._batch_function(batch, moments)
+            advance(1)
+        return moments
 
     def _collect(self, inputs, mask):
         self._seen.append(_stats.moments(inputs, self.layer.axis, mask))
@@ -235,6 +267,7 @@ class _StatisticsStep:
             raise _StopForward
 
     def _step(self, batch, moments):
+        """``moments`` combined with those of the layer's inputs on ``batch``."""
         self._seen.clear()
         try:
             self.model(batch, training=False)
@@ -244,6 +277,26 @@ class _StatisticsStep:
             seen = _stats.Moments(*(tf.cast(t, moments.count.dtype) for t in seen))
             moments = _stats.combine(moments, seen)
         return moments
+
+    def _chunk(self, iterator, moments, limit):
+        """Up to ``limit`` batches from ``iterator``: (moments, number of batches read)."""
+
+        def body(read, more, moments):
+            element = iterator.get_next_as_optional()
+            more = element.has_value()
+            moments = tf.cond(more, lambda: self._step(_features(element.get_value()), moments),
+                              lambda: moments)
+            return read + tf.cast(more, tf.int32), more, moments
+
+        read, _, moments = tf.while_loop(
+            lambda read, more, _: tf.logical_and(more, read < limit), body,
+            (tf.constant(0), tf.constant(True), moments))
+        return moments, read
+
+
+# Aim of the time one call of a chunk function takes: short enough for the progress
+# bar, long enough that the per-call overhead does not matter.
+_CHUNK_SECONDS = 0.2
 
 
 class _collecting:
