@@ -371,3 +371,35 @@ def test_streaming_memory_does_not_grow_with_the_batches():
     bias, log_scale = numpy_init(everything)
     np.testing.assert_allclose(measured.get_layer("an0").bias.numpy(), bias, rtol=1e-5)
     np.testing.assert_allclose(measured.get_layer("an0").log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)
+
+
+class _InBranch(keras.layers.Layer):
+    """Calls its ActNorm inside a tf.cond branch (a branch graph when traced)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.actnorm = tf_actnorm.ActNorm(name="branch_an")
+
+    def call(self, x, training=None):
+        return tf.cond(tf.reduce_all(tf.math.is_finite(x)),
+                       lambda: self.actnorm(x, training=training), lambda: x)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def test_a_layer_inside_a_traced_branch_is_collected_eagerly(rng):
+    """A layer that the model calls inside its own control flow (a tf.cond branch, an
+    RNN cell's loop) cannot hand its statistics out of the branch graph: that layer
+    falls back to eager passes, with the same result."""
+    data = _data(rng)
+    inputs = keras.Input((6,))
+    h = tf_actnorm.ActNorm(name="an0")(inputs)
+    branch = _InBranch()
+    model = keras.Model(inputs, branch(keras.layers.Dense(3)(h)))
+    summary = tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(32), verbose=0)
+    assert list(summary) == ["an0", "branch_an"]
+    hidden = keras.Model(inputs, model.layers[2].output)(data)
+    bias, log_scale = numpy_init(hidden)
+    np.testing.assert_allclose(branch.actnorm.bias.numpy(), bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(branch.actnorm.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)

@@ -96,6 +96,8 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
     if not targets:
         return {}
     source.keep_for_passes(len(targets))
+    # Any batch size: a last, smaller batch uses the same trace.
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), first)
     total = None if source.num_batches is None else len(targets) * source.num_batches
     progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
     progress.update(0)
@@ -110,7 +112,7 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
     for layer in targets:
         step = _StatisticsStep(model, layer, stop=calls[layer] == 1)
         with step.collecting():
-            moments = step.run(source, advance)
+            moments = step.run(source, spec, advance)
         layer._state.assign_from_moments(moments)
         summary[layer.name] = {
             "mean_abs_bias": float(np.mean(np.abs(layer.bias.numpy()))),
@@ -214,6 +216,10 @@ class _StopForward(BaseException):
     so that an ``except Exception`` in model code cannot swallow it."""
 
 
+class _NotTraceable(BaseException):
+    """The layer's inputs were seen inside a loop or branch of the traced model."""
+
+
 class _StatisticsStep:
     """The moments of ``layer``'s inputs over every batch of a source, combined in
     ``tf.function``s traced once per layer, while ``collecting``.
@@ -235,31 +241,42 @@ class _StatisticsStep:
     def collecting(self):
         return _collecting(self.layer, self._collect)
 
-    def run(self, source, advance):
-        """The moments over all of ``source``'s batches; ``advance(n)`` after each n."""
+    def run(self, source, spec, advance):
+        """The moments over all of ``source``'s batches (``spec``: a batch's spec, its
+        batch size unknown); ``advance(n)`` after each ``n`` batches."""
         dtype = _stats.stats_dtype(self.layer.compute_dtype)
         zeros = tf.zeros(self.layer.bias.shape, dtype)
         moments = _stats.Moments(zeros, zeros, zeros)
         if source.dataset is not None:
-            iterator, limit = iter(source.dataset), 1
-            while True:
-                start = time.perf_counter()
-                moments, read = self._chunk_function(iterator, moments, tf.constant(limit))
-                read = int(read)
-                advance(read)
-                if read < limit:
-                    return moments
-                seconds = time.perf_counter() - start
-                limit = int(min(max(limit * _CHUNK_SECONDS / max(seconds, 1e-6), 1), 2 * limit + 1))
+            iterator = iter(source.dataset)
+            if self._traceable(self._chunk_function, iterator, moments, tf.constant(1)):
+                return self._run_chunks(iterator, moments, advance)
+        step = self._batch_function if self._traceable(self._batch_function, spec, moments) else self._step
         for batch in source.batches():
-            if self._batch_function.experimental_get_tracing_count() == 0:
-                # Traced for any batch size up front: a last, smaller batch reuses it.
-                spec = tf.nest.map_structure(
-                    lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), batch)
-                self._batch_function.get_concrete_function(spec, moments)
-            moments = self._batch_function(batch, moments)
+            moments = step(batch, moments)
             advance(1)
         return moments
+
+    def _traceable(self, function, *args):
+        """Traces ``function``; False if the layer is called inside a loop or branch
+        of the model (e.g. in an RNN cell): its statistics are then collected eagerly."""
+        try:
+            function.get_concrete_function(*args)
+        except _NotTraceable:
+            return False
+        return True
+
+    def _run_chunks(self, iterator, moments, advance):
+        limit = 1
+        while True:
+            start = time.perf_counter()
+            moments, read = self._chunk_function(iterator, moments, tf.constant(limit))
+            read = int(read)
+            advance(read)
+            if read < limit:
+                return moments
+            seconds = time.perf_counter() - start
+            limit = int(min(max(limit * _CHUNK_SECONDS / max(seconds, 1e-6), 1), 2 * limit + 1))
 
     def _collect(self, inputs, mask):
         self._seen.append(_stats.moments(inputs, self.layer.axis, mask))
@@ -273,7 +290,10 @@ class _StatisticsStep:
             self.model(batch, training=False)
         except _StopForward:
             pass
+        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         for seen in self._seen:
+            if graph is not None and seen.count.graph is not graph:
+                raise _NotTraceable
             seen = _stats.Moments(*(tf.cast(t, moments.count.dtype) for t in seen))
             moments = _stats.combine(moments, seen)
         return moments
