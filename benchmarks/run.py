@@ -71,6 +71,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -79,6 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 from tensorflow_probability.python.bijectors import glow  # noqa: E402
@@ -113,6 +115,10 @@ ROWS = (
     + [f"peak memory/Conv2D-norm-Conv2D/{mode}/{key} vs no norm" for mode, _ in MODES
        for key in ("ActNorm", "ActNormBijector")]
     + [f"peak memory/Glow step/{mode}/with ActNorm vs without" for mode, _ in MODES]
+    + ["init/glow/initialize(steps=16) vs 16 train steps",
+       "init/glow/initialize passes vs 16 train steps (no tracing)",
+       "init/dense/initialize vs train steps, same batches",
+       "init/dense/peak RSS growth vs data size"]
     + JAX_ROWS
 )
 
@@ -631,6 +637,230 @@ def jax_rows(table, args):
         print(f"benchmarks/jax_rows.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
+# ----------------------------------------------------------------------------- initialize
+
+
+class Conv1x1(keras.layers.Layer):
+    """Glow's invertible 1x1 convolution, LU-decomposed (as in examples/glow_digits.py)."""
+
+    def build(self, input_shape):
+        c = input_shape[-1]
+        rotation = np.linalg.qr(np.random.default_rng(c).normal(size=(c, c)))[0]
+        p, lower, upper = scipy.linalg.lu(rotation)
+        s = np.diag(upper)
+        self.p, self.sign_s = p.astype("float32"), np.sign(s).astype("float32")
+        self.mask = np.tril(np.ones((c, c), "float32"), -1)
+        constant = keras.initializers.Constant
+        self.lower = self.add_weight(shape=(c, c), initializer=constant(lower))
+        self.upper = self.add_weight(shape=(c, c), initializer=constant(np.triu(upper, 1)))
+        self.log_s = self.add_weight(shape=(c,), initializer=constant(np.log(np.abs(s))))
+
+    def call(self, x):
+        lower = self.lower * self.mask + tf.eye(self.mask.shape[0])
+        upper = self.upper * self.mask.T + tf.linalg.diag(self.sign_s * tf.exp(self.log_s))
+        positions = float(x.shape[1] * x.shape[2])
+        return x @ (tf.matmul(self.p, lower) @ upper), positions * tf.reduce_sum(self.log_s)
+
+
+class FlowStep(keras.layers.Layer):
+    """examples/glow_digits.py's flow step: ActNorm -> 1x1 conv -> affine coupling whose
+    network has two ActNorm layers."""
+
+    def __init__(self, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.actnorm, self.conv1x1, self.hidden = tf_actnorm.ActNorm(), Conv1x1(), hidden
+
+    def build(self, input_shape):
+        self.net = keras.Sequential([
+            keras.layers.Conv2D(self.hidden, 3, padding="same", use_bias=False),
+            tf_actnorm.ActNorm(), keras.layers.ReLU(),
+            keras.layers.Conv2D(self.hidden, 1, use_bias=False),
+            tf_actnorm.ActNorm(), keras.layers.ReLU(),
+            keras.layers.Conv2D(input_shape[-1], 3, padding="same", kernel_initializer="zeros"),
+        ])
+
+    def call(self, x, training=None):
+        y = self.actnorm(x, training=training)
+        log_det = self.actnorm.forward_log_det_jacobian(x)
+        y, conv_log_det = self.conv1x1(y)
+        y_a, y_b = tf.split(y, 2, axis=-1)
+        shift, raw = tf.split(self.net(y_a, training=training), 2, axis=-1)
+        scale = tf.sigmoid(raw + 2.0)
+        log_det += conv_log_det + tf.reduce_sum(tf.math.log(scale), axis=[1, 2, 3])
+        return tf.concat([y_a, (y_b + shift) * scale], axis=-1), log_det
+
+
+class GlowLike(keras.Model):
+    """examples/glow_digits.py's multi-scale flow on [8, 8, 1] (subclassed), deeper:
+    ``steps`` flow steps per level, 3 ActNorm layers each."""
+
+    def __init__(self, steps, hidden):
+        super().__init__()
+        self.levels = [[FlowStep(hidden) for _ in range(steps)] for _ in range(2)]
+
+    def call(self, x, training=None):
+        h, log_det, latents = tf.nn.space_to_depth(x, 2), 0.0, []
+        for i, level in enumerate(self.levels):
+            if i:
+                z, h = tf.split(h, 2, axis=-1)
+                latents.append(z)
+                h = tf.nn.space_to_depth(h, 2)
+            for step in level:
+                h, step_log_det = step(h, training=training)
+                log_det += step_log_det
+        latents.append(h)
+        log_prior = tf.add_n([tf.reduce_sum(-0.5 * z**2, axis=[1, 2, 3]) for z in latents])
+        return log_prior + log_det
+
+
+def _dense_model(width, depth):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((width,))]
+    for _ in range(depth):
+        layers += [tf_actnorm.ActNorm(), keras.layers.Dense(width, activation="tanh")]
+    return keras.Sequential(layers + [tf_actnorm.ActNorm(), keras.layers.Dense(1)])
+
+
+def _flow_train_step(model):
+    """As examples/glow_digits.py: Adam on the negative log-likelihood."""
+    optimizer = keras.optimizers.Adam(1e-4)
+
+    @tf.function  # Keras' default on CPU ("auto": no XLA); XLA compiles for ~1 minute here
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return step
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _timed_with_peak_rss(fn):
+    """(seconds, peak resident memory growth in bytes) of ``fn()``, RSS sampled every 2
+    ms from another thread (0 where /proc is missing)."""
+    if not os.path.exists("/proc/self/statm"):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start, 0
+    peak, stop = [_rss_bytes()], threading.Event()
+
+    def sample():
+        while not stop.wait(0.002):
+            peak.append(_rss_bytes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        fn()
+    finally:
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    return seconds, max(peak) - peak[0]
+
+
+def _warm_passes_seconds(model, dataset):
+    """Seconds of ``initialize``'s passes (one per layer, in order) once traced: each
+    layer's pass runs twice, the second (timed) with its functions already traced and
+    compiled. Uses initialize's internals, the same steps as ``tf_actnorm.initialize``."""
+    init = tf_actnorm.init
+    source = init._Source(dataset, None, None)
+    first = source.first()
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), first)
+    order, calls = init._actnorm_layers_in_call_order(model, first)
+    total = 0.0
+    for layer in order:
+        step = init._StatisticsStep(model, layer, stop=calls[layer] == 1)
+        with step.collecting():
+            step.run(source, spec, lambda n: None)
+            start = time.perf_counter()
+            moments = step.run(source, spec, lambda n: None)
+            total += time.perf_counter() - start
+        layer._state.assign_from_moments(moments)
+    return total
+
+
+def init_rows(table, args):
+    # Glow-like flow: initialize(steps=16) from a fresh (built, uninitialised) model,
+    # its traces included, against 16 steps of the compiled (XLA) train step.
+    steps_per_level, hidden, batches = (1, 8, 16) if args.quick else (5, 64, 16)
+    rng = np.random.default_rng(0)
+    images = tf.data.Dataset.from_tensor_slices(
+        (rng.uniform(size=(batches * 64, 8, 8, 1)) - 0.5).astype("float32")).batch(64).cache()
+    x = next(iter(images))
+
+    def fresh_glow():
+        keras.utils.set_random_seed(0)
+        model = GlowLike(steps_per_level, hidden)
+        model(x, training=False)  # builds; inference never initialises
+        return model
+
+    model = fresh_glow()
+    layers = sum(isinstance(l, tf_actnorm.ActNorm) for l in model._flatten_layers())
+    start = time.perf_counter()
+    tf_actnorm.initialize(model, images, steps=batches, verbose=0)
+    init_s = time.perf_counter() - start
+    passes_s = _warm_passes_seconds(fresh_glow(), images.take(batches))
+    model = fresh_glow()
+    train = _flow_train_step(model)
+    start = time.perf_counter()
+    train(x)  # traces and initialises
+    compile_s = time.perf_counter() - start
+    for _ in range(3):
+        train(x)
+    _sync()
+    train_s = []
+    for _ in range(max(3, args.repeats // 3)):
+        start = time.perf_counter()
+        for batch in images.take(batches):
+            train(batch)
+        _sync()
+        train_s.append(time.perf_counter() - start)
+    train_s = statistics.median(train_s)
+    table.add("init/glow/initialize(steps=16) vs 16 train steps", f"{init_s:.2f} s",
+              f"{train_s:.3f} s", init_s / train_s, 5.0,
+              note=f"{layers} ActNorm layers, batch [64, 8, 8, 1], hidden {hidden}; from a fresh "
+                   f"model, its {layers} traces and their first runs included; train steps "
+                   f"compiled (tf.function, Adam), their tracing ({compile_s:.1f} s) not included")
+    table.add("init/glow/initialize passes vs 16 train steps (no tracing)", f"{passes_s:.2f} s",
+              f"{train_s:.3f} s", passes_s / train_s, 5.0,
+              note=f"initialize's {layers} passes over 16 batches (each runs the model up to its "
+                   "layer), each pass timed when run a second time, already traced")
+
+    # Small dense model, many batches made on the fly: throughput and memory.
+    batches, shape = (400, (256, 64)) if args.quick else (2000, (256, 64))
+    data = tf.data.Dataset.range(batches).map(
+        lambda i: tf.random.stateless_normal(shape, tf.stack([i, 0]), mean=1.0, stddev=3.0))
+    tf_actnorm.initialize(_dense_model(shape[1], 3), data.take(4), verbose=0)  # warm-up
+    model = _dense_model(shape[1], 3)
+    layers = sum(isinstance(l, tf_actnorm.ActNorm) for l in model.layers)
+    init_s, growth = _timed_with_peak_rss(lambda: tf_actnorm.initialize(model, data, verbose=0))
+    train = _train_step(model, jit=True)
+    for batch in data.take(3):
+        train(batch)
+    start = time.perf_counter()
+    for batch in data:
+        train(batch)
+    _sync()
+    train_s = time.perf_counter() - start
+    data_bytes = batches * int(np.prod(shape)) * 4
+    table.add("init/dense/initialize vs train steps, same batches",
+              f"{batches * layers / init_s:,.0f} batch·layers/s", f"{batches / train_s:,.0f} steps/s",
+              init_s / train_s, 5.0,
+              note=f"{batches} batches {list(shape)} f32 made on the fly, {layers} ActNorm layers; "
+                   f"{init_s:.2f} s (cold) vs {train_s:.2f} s (XLA, SGD)")
+    table.add("init/dense/peak RSS growth vs data size", _mib(growth), _mib(data_bytes),
+              growth / data_bytes, 0.5,
+              note=f"initialize over {batches} batches: resident memory sampled every 2 ms")
+
+
 GROUPS = {
     "forward": forward_rows,
     "train": train_step_rows,
@@ -638,6 +868,7 @@ GROUPS = {
     "log-det": log_det_rows,
     "first": first_call_rows,
     "memory": memory_rows,
+    "init": init_rows,
     "jax": jax_rows,
 }
 

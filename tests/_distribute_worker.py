@@ -208,6 +208,25 @@ def custom_loop(strategy, steps, rank, local, jit_compile=False, make_layer=None
     return _init_result(strategy, model, steps, seen, local, make_layer)
 
 
+def initialize_mirrored(strategy, x, rank, source, in_scope):
+    """``tf_actnorm.initialize`` on a model with mirrored variables, from several
+    batches (a numpy array or a tf.data.Dataset), called in or outside
+    ``strategy.scope()``: it runs in cross-replica context and writes every replica."""
+    import contextlib
+
+    import tensorflow as tf
+    import tf_actnorm
+
+    with strategy.scope():
+        model = _model(rank)
+    data = x if source == "numpy" else tf.data.Dataset.from_tensor_slices(x).batch(4)
+    with strategy.scope() if in_scope else contextlib.nullcontext():
+        summary = tf_actnorm.initialize(model, data, batch_size=4, verbose=0)
+    result = _init_result(strategy, model, [[x]], None, [0, 1], None)
+    result["summary"] = list(summary)
+    return result
+
+
 def fit_arrays(strategy, x, rank, batch_size, workaround=False):
     """model.fit (jit_compile=False) on numpy arrays: the strategy splits each global
     batch over the replicas, unequally for a partial batch (one replica may get none)."""
@@ -578,6 +597,12 @@ def run_mirrored():
         x = make_shards(seed, [3], rank)[0]
         _run(results, f"fit_arrays/rank{rank}/partial",
              lambda: fit_arrays(strategy, x, rank, batch_size=8, workaround=True))
+    for source in ("numpy", "dataset"):
+        for in_scope in (False, True):
+            seed += 1
+            x = make_shards(seed, [11], 4)[0]
+            _run(results, f"initialize/{source}/{'in_scope' if in_scope else 'outside_scope'}",
+                 lambda: initialize_mirrored(strategy, x, 4, source, in_scope))
     for name, kwargs, sizes, rank in (
             ("bijector/forward/unequal", {}, [5, 2], 2),
             ("bijector/forward/empty_first", {}, [0, 4], 2),

@@ -231,6 +231,16 @@ def test_mirrored_empty_global_batch_raises_and_changes_nothing(mirrored):
     assert_scenario(result)  # the next, non-empty, global batch initialises
 
 
+@pytest.mark.parametrize("scope", ["outside_scope", "in_scope"])
+@pytest.mark.parametrize("source", ["numpy", "dataset"])
+def test_mirrored_initialize(mirrored, source, scope):
+    """tf_actnorm.initialize on mirrored variables, from three batches (4, 4, 3): every
+    replica holds numpy's init on all 11 examples, in or outside strategy.scope()."""
+    result = mirrored[f"initialize/{source}/{scope}"]
+    assert_scenario(result)
+    assert len(result["summary"]) == 1
+
+
 @pytest.mark.parametrize("rank", [2, 4])
 @pytest.mark.parametrize("split", ["unequal", "empty_first"])
 def test_mirrored_fit_from_function(mirrored, rank, split):
