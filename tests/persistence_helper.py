@@ -111,6 +111,7 @@ def train(out):
     model.export(os.path.join(out, "export"), verbose=False)
     result.update(prefixed("after_n_", weights(model)))
     result["weight_paths"] = np.array([w.path for w in model.weights])
+    result["weight_trainable"] = np.array([w.trainable for w in model.weights])
     result["predict_new"] = model.predict(new, verbose=0)
     result["call_new"] = model(new, training=False).numpy()
 
