@@ -58,3 +58,15 @@ def test_every_picture_is_shown(site):
     for picture in sorted((ROOT / "docs").glob("*.png")):
         assert f'src="../{picture.name}"' in html, picture.name
         assert (site / picture.name).read_bytes() == picture.read_bytes()
+
+
+def test_readme_is_a_landing_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    # It states how long the test suite takes on a 2-core machine.
+    assert re.search(r"test suite takes about \d+ minutes on a 2-core", readme)
+    # Its relative links (into docs/, LICENSE, pictures) point at files that exist.
+    targets = re.findall(r"\]\((?!https?://)([^)#]+)(?:#[^)]*)?\)", readme)
+    assert any(t.startswith("docs/") for t in targets)
+    for target in targets:
+        assert (ROOT / target).is_file(), target
