@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,15 +51,33 @@ def test_fences_are_tagged(page):
     assert not unknown, f"{_page_id(page)}: fence tags {unknown}: use python, or one of {NOT_RUN}"
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if python_source(p)], ids=_page_id)
-def test_page_snippets_run(page, tmp_path):
-    script = tmp_path / "snippets.py"
+def _run_page(page, directory):
+    directory.mkdir()
+    script = directory / "snippets.py"
     script.write_text(python_source(page))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env,
+    return subprocess.run(
+        [sys.executable, str(script)], cwd=directory, env=env,
         capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def page_runs(request, tmp_path_factory):
+    """Each selected page's run, two pages at a time: a fresh interpreter spends most of
+    its few seconds importing TensorFlow on one core, so two overlap well on two cores."""
+    pages = {item.callspec.params["page"] for item in request.session.items
+             if getattr(item, "originalname", None) == "test_page_snippets_run"}
+    root = tmp_path_factory.mktemp("snippets")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {page: pool.submit(_run_page, page, root / f"page{i}")
+                   for i, page in enumerate(sorted(pages))}
+    return {page: future.result() for page, future in futures.items()}
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if python_source(p)], ids=_page_id)
+def test_page_snippets_run(page, page_runs):
+    result = page_runs[page]
     assert result.returncode == 0, (
         f"{_page_id(page)}: snippets failed\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
 
