@@ -32,8 +32,10 @@ How it measures
   ``ActNormBijector.forward``.
 * Train step: ``Conv2D(64, 3, same) -> norm`` on ``[32, 32, 32, 64]``, loss
   ``mean(y**2)``, ``GradientTape`` gradients and a Keras SGD update, in one
-  ``tf.function``. Baselines: the same with ``BatchNormalization``, and the Conv2D
-  alone (an "info" row: what the normalisation layer adds).
+  ``tf.function``. Baselines: the same with ``BatchNormalization``, with a
+  plain-autodiff affine layer of the same math (``exp(log_scale) * (x + bias)``, no
+  custom gradient), and the Conv2D alone (an "info" row: what the normalisation
+  layer adds).
 * ``model.fit``: a small CNN (3 conv blocks with ActNorm or BatchNormalization, then
   global pooling and a dense softmax), examples/s over whole epochs after a warm-up
   epoch, epochs of the two models interleaved. "auto" is Keras' default
@@ -54,19 +56,31 @@ How it measures
   the weights, not counted). These saved activations are what grows a train step's
   peak over the weights; the backward pass's own short-lived temporaries are not
   counted. The row's note gives the Conv2D alone, for the layers' own share.
+* Saved activations (the same proxy, or the GPU peak): ``Conv2D -> norm -> Conv2D``
+  on ``[16, 32, 32, 32]`` (the norm's output is the second convolution's input, which
+  that convolution keeps for its weight gradient), ActNorm and ``ActNormBijector``
+  against no norm (BatchNormalization and TFP's glow ActNorm in the note), and a Glow
+  step (ActNorm -> invertible 1x1 convolution -> affine coupling, loss with the
+  log-determinants) with and without ActNorm. "xla" rows trace the step with
+  ``jit_compile=True``: the graph that XLA compiles, read the same way.
 """
 
 import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Measure this checkout's tf_actnorm, not whichever copy is installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 from tensorflow_probability.python.bijectors import glow  # noqa: E402
@@ -74,6 +88,17 @@ from tensorflow_probability.python.bijectors import glow  # noqa: E402
 import tf_actnorm  # noqa: E402
 
 MODES = (("xla", True), ("graph", False))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Printed by benchmarks/jax_rows.py (JAX backend, jax.jit) in the TensorFlow-free
+# environment of tests/test_backends.py; targets: forward <= 1.05x, train step <= 1.00x.
+JAX_PYTHON = os.environ.get("TF_ACTNORM_JAX_PYTHON",
+                            os.path.join(ROOT, ".venv-backends", "bin", "python"))
+JAX_ROWS = [
+    "jax/forward 4d/jit/layer(training=False) vs bare",
+    "jax/forward 4d/jit/layer(training=True) vs bare",
+    "jax/train step/jit/Conv2D+ActNorm vs Conv2D+BatchNorm",
+    "jax/train step/jit/Conv2D+ActNorm vs Conv2D alone",
+]
 
 # Every row the script prints, by id (the test checks that each is printed).
 ROWS = (
@@ -82,11 +107,19 @@ ROWS = (
      for cand, base in (("layer(training=False)", "bare"), ("layer(training=True)", "bare"),
                         ("bijector", "bare"), ("bijector", "tfp-glow"))]
     + [f"train step/{mode}/Conv2D+ActNorm vs {base}" for mode, _ in MODES
-       for base in ("Conv2D+BatchNorm", "Conv2D alone")]
+       for base in ("Conv2D+BatchNorm", "Conv2D+plain affine", "Conv2D alone")]
     + [f"fit/{mode}/ActNorm CNN vs BatchNorm CNN" for mode in ("auto", "graph")]
     + [f"log-det/{kind}/{hw}" for kind in ("layer", "bijector") for hw in ("large", "largest")]
     + [f"first call/{mode}/{shape}" for shape in ("4d", "5d") for mode, _ in MODES]
     + ["peak memory/train step/Conv2D+ActNorm vs Conv2D+BatchNorm"]
+    + [f"peak memory/Conv2D-norm-Conv2D/{mode}/{key} vs no norm" for mode, _ in MODES
+       for key in ("ActNorm", "ActNormBijector")]
+    + [f"peak memory/Glow step/{mode}/with ActNorm vs without" for mode, _ in MODES]
+    + ["init/glow/initialize(steps=16) vs 16 train steps",
+       "init/glow/initialize passes vs 16 train steps (no tracing)",
+       "init/dense/initialize vs train steps, same batches",
+       "init/dense/peak RSS growth vs data size"]
+    + JAX_ROWS
 )
 
 
@@ -154,6 +187,11 @@ class Table:
         self.rows.append(row)
         print("| " + " | ".join(row) + " |", flush=True)
 
+    def add_cells(self, cells):
+        """A row measured elsewhere (benchmarks/jax_rows.py), already formatted."""
+        self.rows.append(tuple(cells))
+        print("| " + " | ".join(cells) + " |", flush=True)
+
     @staticmethod
     def header():
         print("| row | candidate | baseline | ratio | target | result | notes |")
@@ -185,7 +223,7 @@ def forward_rows(table, args):
         s = tf.Variable(tf.random.uniform([channels], 0.5, 2.0, seed=2))
         c = tf.Variable(tf.random.normal([channels], seed=3))
         layer = tf_actnorm.ActNorm()
-        layer(x)  # initialises
+        layer(x, training=True)  # initialises
         bijector = tf_actnorm.ActNormBijector(channels)
         bijector.forward(x)
         reference = glow.ActivationNormalization(channels)
@@ -213,13 +251,28 @@ def forward_rows(table, args):
         assert bool(layer.initialized.numpy())
 
 
+class PlainAffine(keras.layers.Layer):
+    """``exp(log_scale) * (x + bias)`` differentiated by TensorFlow: ActNorm's math with
+    no custom gradient and no data-dependent initialisation (a baseline)."""
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+        self.log_scale = self.add_weight(shape=(input_shape[-1],), initializer="zeros")
+
+    def call(self, x):
+        return tf.exp(self.log_scale) * (x + self.bias)
+
+
+def _norm_layer(norm):
+    return {"actnorm": tf_actnorm.ActNorm, "batchnorm": keras.layers.BatchNormalization,
+            "plain": PlainAffine}[norm]()
+
+
 def _conv_model(norm, shape):
     keras.utils.set_random_seed(0)
     layers = [keras.Input(shape[1:]), keras.layers.Conv2D(shape[-1], 3, padding="same")]
-    if norm == "actnorm":
-        layers.append(tf_actnorm.ActNorm())
-    elif norm == "batchnorm":
-        layers.append(keras.layers.BatchNormalization())
+    if norm != "none":
+        layers.append(_norm_layer(norm))
     return keras.Sequential(layers)
 
 
@@ -243,8 +296,9 @@ def train_step_rows(table, args):
     x = tf.random.normal(shape, seed=4) * 2.0 + 0.5
     for mode, jit in MODES:
         steps = {norm: _train_step(_conv_model(norm, shape), jit)
-                 for norm in ("actnorm", "batchnorm", "none")}
+                 for norm in ("actnorm", "batchnorm", "plain", "none")}
         for base, key, target in (("batchnorm", "Conv2D+BatchNorm", 1.00),
+                                  ("plain", "Conv2D+plain affine", 1.05),
                                   ("none", "Conv2D alone", None)):
             tc, tb, ratio = compare_times(
                 lambda: steps["actnorm"](x), lambda: steps[base](x), args.repeats)
@@ -366,23 +420,26 @@ _VIEWS = {"Identity", "IdentityN", "Reshape", "Squeeze", "ExpandDims", "Snapshot
 _NOT_ACTIVATIONS = {"Const", "VarHandleOp", "ReadVariableOp"}
 
 
-def saved_for_backward_bytes(model, x):
+def _loss_and_grads(loss_fn, variables, jit_compile):
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(x)
+        return loss, tape.gradient(loss, variables)
+
+    return tf.function(step, jit_compile=jit_compile)
+
+
+def saved_for_backward_bytes(loss_fn, variables, x, jit_compile=False):
     """Bytes of the forward tensors that the backward pass of a train step reads.
 
-    Traces ``loss = mean(model(x)**2)`` and its ``GradientTape`` gradients. Forward ops:
+    Traces ``loss_fn(x)`` and its ``GradientTape`` gradients with respect to
+    ``variables`` (with ``jit_compile``: the graph that XLA compiles). Forward ops:
     the data-flow ancestors of the loss; backward ops: those of the gradients, less
     the forward ones. A forward tensor read by a backward op must be kept from the
     forward pass to the backward pass. Views are resolved to what they view;
     constants and variables (the weights) are not counted.
     """
-
-    @tf.function
-    def loss_and_grads(x):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(x, training=True)))
-        return loss, tape.gradient(loss, model.trainable_variables)
-
-    graph = loss_and_grads.get_concrete_function(x).graph
+    graph = _loss_and_grads(loss_fn, variables, jit_compile).get_concrete_function(x).graph
     loss, *grads = graph.outputs
 
     def ancestors(tensors):
@@ -437,7 +494,9 @@ def memory_rows(table, args):
         if _GPU:
             measured[norm] = gpu_step_peak_bytes(_train_step(model, jit=False), x)
         else:
-            measured[norm] = saved_for_backward_bytes(model, x)
+            measured[norm] = saved_for_backward_bytes(
+                lambda x: tf.reduce_mean(tf.square(model(x, training=True))),
+                model.trainable_variables, x)
     what = ("GPU peak bytes allocated during one step" if _GPU
             else "CPU proxy: bytes of forward tensors kept for the backward pass")
     table.add("peak memory/train step/Conv2D+ActNorm vs Conv2D+BatchNorm",
@@ -445,6 +504,361 @@ def memory_rows(table, args):
               measured["actnorm"] / measured["batchnorm"], 1.00,
               note=f"{what}; x {list(shape)} f32; bytes: {measured['actnorm']:,} vs "
                    f"{measured['batchnorm']:,}, Conv2D alone {measured['none']:,}")
+    saved_activation_rows(table, args)
+
+
+class _BijectorLayer(keras.layers.Layer):
+    """A bijector's ``forward`` as a layer (its variables are passed to the tape)."""
+
+    def __init__(self, bijector, **kwargs):
+        super().__init__(**kwargs)
+        self.inner = bijector
+
+    def call(self, x, training=None):
+        return self.inner.forward(x)
+
+
+def _conv_norm_conv(norm, x):
+    """``Conv2D -> norm -> Conv2D`` (the norm's output feeds a layer that keeps it for
+    its own weight gradient): ``(loss_fn, variables)`` of ``mean(out**2)``."""
+    keras.utils.set_random_seed(0)
+    channels = x.shape[-1]
+    first, second = (keras.layers.Conv2D(channels, 3, padding="same") for _ in range(2))
+    bijector = {"bijector": lambda: tf_actnorm.ActNormBijector(channels),
+                "tfp-glow": lambda: glow.ActivationNormalization(channels)}.get(norm)
+    layers = [first, second]
+    if bijector is not None:
+        layers.insert(1, _BijectorLayer(bijector()))
+    elif norm != "none":
+        layers.insert(1, _norm_layer(norm))
+    model = keras.Sequential(layers)
+    model(x, training=True)  # builds and initialises
+    variables = list(model.trainable_variables)
+    if bijector is not None:
+        variables += list(layers[1].inner.trainable_variables)
+    return lambda x: tf.reduce_mean(tf.square(model(x, training=True))), variables
+
+
+class GlowStep(keras.layers.Layer):
+    """One Glow step: [ActNorm ->] invertible 1x1 convolution -> affine coupling.
+
+    Returns ``(z, log_det)``; the coupling's network is ``Conv2D(hidden, 3) -> ReLU ->
+    Conv2D(C, 3)`` on the first half of the channels, giving ``log s`` and ``t`` for the
+    second half (``s = sigmoid(log s + 2)``, as in Glow).
+    """
+
+    def __init__(self, actnorm, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.actnorm = tf_actnorm.ActNorm() if actnorm else None
+        self.hidden = hidden
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.mix = self.add_weight(shape=(channels, channels), initializer="orthogonal")
+        self.net = keras.Sequential([
+            keras.layers.Conv2D(self.hidden, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros")])
+        if self.actnorm is not None:
+            self.actnorm.build(input_shape)
+
+    def call(self, x, training=None):
+        log_det = 0.0
+        if self.actnorm is not None:
+            log_det += self.actnorm.forward_log_det_jacobian(x)
+            x = self.actnorm(x, training=training)
+        positions = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]), x.dtype)
+        x = tf.einsum("bhwc,cd->bhwd", x, self.mix)
+        log_det += positions * tf.linalg.slogdet(self.mix)[1]
+        xa, xb = tf.split(x, 2, axis=-1)
+        log_s, shift = tf.split(self.net(xa), 2, axis=-1)
+        scale = tf.sigmoid(log_s + 2.0)
+        log_det += tf.reduce_sum(tf.math.log(scale), [1, 2, 3])
+        return tf.concat([xa, (xb + shift) * scale], -1), log_det
+
+
+def _glow_step(actnorm, x):
+    keras.utils.set_random_seed(0)
+    step = GlowStep(actnorm, hidden=x.shape[-1])
+    step(x, training=True)  # builds and initialises
+
+    def loss_fn(x):
+        z, log_det = step(x, training=True)
+        return 0.5 * tf.reduce_mean(tf.square(z)) - tf.reduce_mean(log_det) / x.shape[1:].num_elements()
+
+    return loss_fn, step.trainable_variables
+
+
+def _activation_bytes(network, x, jit):
+    loss_fn, variables = network
+    if _GPU:
+        step = _loss_and_grads(loss_fn, variables, jit)
+        return gpu_step_peak_bytes(step, x)
+    return saved_for_backward_bytes(loss_fn, variables, x, jit_compile=jit)
+
+
+def saved_activation_rows(table, args):
+    """ActNorm keeps no activation of its own for backprop (issue 14)."""
+    shape = (4, 16, 16, 16) if args.quick else (16, 32, 32, 32)
+    x = tf.random.normal(shape, seed=7)
+    what = "GPU peak bytes" if _GPU else "CPU proxy"
+    for mode, jit in MODES:
+        measured = {norm: _activation_bytes(_conv_norm_conv(norm, x), x, jit)
+                    for norm in ("none", "actnorm", "bijector", "batchnorm", "tfp-glow")}
+        for norm, key in (("actnorm", "ActNorm"), ("bijector", "ActNormBijector")):
+            table.add(f"peak memory/Conv2D-norm-Conv2D/{mode}/{key} vs no norm",
+                      _mib(measured[norm]), _mib(measured["none"]),
+                      measured[norm] / measured["none"], 1.01,
+                      note=f"{what}; x {list(shape)} f32; BatchNorm "
+                           f"{_mib(measured['batchnorm'])}, TFP glow {_mib(measured['tfp-glow'])}")
+        with_norm = _activation_bytes(_glow_step(True, x), x, jit)
+        without = _activation_bytes(_glow_step(False, x), x, jit)
+        table.add(f"peak memory/Glow step/{mode}/with ActNorm vs without", _mib(with_norm),
+                  _mib(without), with_norm / without, 1.01,
+                  note=f"{what}; ActNorm -> 1x1 conv -> affine coupling; x {list(shape)} f32")
+
+
+def jax_rows(table, args):
+    """The JAX rows, from benchmarks/jax_rows.py run in the JAX environment; printed as
+    "skipped" (with the reason) where that environment does not exist."""
+    if not os.path.exists(JAX_PYTHON):
+        for row_id in JAX_ROWS:
+            table.add_cells((row_id, "—", "—", "—", "—", "skipped",
+                             f"no JAX environment at {JAX_PYTHON} (tests/test_backends.py "
+                             "creates it)"))
+        return
+    cmd = [JAX_PYTHON, os.path.join(ROOT, "benchmarks", "jax_rows.py"),
+           "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| jax/")]
+    for line in rows:
+        table.add_cells([c.strip() for c in line.strip().strip("|").split("|")])
+    if proc.returncode or len(rows) != len(JAX_ROWS):
+        print(f"benchmarks/jax_rows.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+# ----------------------------------------------------------------------------- initialize
+
+
+class Conv1x1(keras.layers.Layer):
+    """Glow's invertible 1x1 convolution, LU-decomposed (as in examples/glow_digits.py)."""
+
+    def build(self, input_shape):
+        c = input_shape[-1]
+        rotation = np.linalg.qr(np.random.default_rng(c).normal(size=(c, c)))[0]
+        p, lower, upper = scipy.linalg.lu(rotation)
+        s = np.diag(upper)
+        self.p, self.sign_s = p.astype("float32"), np.sign(s).astype("float32")
+        self.mask = np.tril(np.ones((c, c), "float32"), -1)
+        constant = keras.initializers.Constant
+        self.lower = self.add_weight(shape=(c, c), initializer=constant(lower))
+        self.upper = self.add_weight(shape=(c, c), initializer=constant(np.triu(upper, 1)))
+        self.log_s = self.add_weight(shape=(c,), initializer=constant(np.log(np.abs(s))))
+
+    def call(self, x):
+        lower = self.lower * self.mask + tf.eye(self.mask.shape[0])
+        upper = self.upper * self.mask.T + tf.linalg.diag(self.sign_s * tf.exp(self.log_s))
+        positions = float(x.shape[1] * x.shape[2])
+        return x @ (tf.matmul(self.p, lower) @ upper), positions * tf.reduce_sum(self.log_s)
+
+
+class FlowStep(keras.layers.Layer):
+    """examples/glow_digits.py's flow step: ActNorm -> 1x1 conv -> affine coupling whose
+    network has two ActNorm layers."""
+
+    def __init__(self, hidden, **kwargs):
+        super().__init__(**kwargs)
+        self.actnorm, self.conv1x1, self.hidden = tf_actnorm.ActNorm(), Conv1x1(), hidden
+
+    def build(self, input_shape):
+        self.net = keras.Sequential([
+            keras.layers.Conv2D(self.hidden, 3, padding="same", use_bias=False),
+            tf_actnorm.ActNorm(), keras.layers.ReLU(),
+            keras.layers.Conv2D(self.hidden, 1, use_bias=False),
+            tf_actnorm.ActNorm(), keras.layers.ReLU(),
+            keras.layers.Conv2D(input_shape[-1], 3, padding="same", kernel_initializer="zeros"),
+        ])
+
+    def call(self, x, training=None):
+        y = self.actnorm(x, training=training)
+        log_det = self.actnorm.forward_log_det_jacobian(x)
+        y, conv_log_det = self.conv1x1(y)
+        y_a, y_b = tf.split(y, 2, axis=-1)
+        shift, raw = tf.split(self.net(y_a, training=training), 2, axis=-1)
+        scale = tf.sigmoid(raw + 2.0)
+        log_det += conv_log_det + tf.reduce_sum(tf.math.log(scale), axis=[1, 2, 3])
+        return tf.concat([y_a, (y_b + shift) * scale], axis=-1), log_det
+
+
+class GlowLike(keras.Model):
+    """examples/glow_digits.py's multi-scale flow on [8, 8, 1] (subclassed), deeper:
+    ``steps`` flow steps per level, 3 ActNorm layers each."""
+
+    def __init__(self, steps, hidden):
+        super().__init__()
+        self.levels = [[FlowStep(hidden) for _ in range(steps)] for _ in range(2)]
+
+    def call(self, x, training=None):
+        h, log_det, latents = tf.nn.space_to_depth(x, 2), 0.0, []
+        for i, level in enumerate(self.levels):
+            if i:
+                z, h = tf.split(h, 2, axis=-1)
+                latents.append(z)
+                h = tf.nn.space_to_depth(h, 2)
+            for step in level:
+                h, step_log_det = step(h, training=training)
+                log_det += step_log_det
+        latents.append(h)
+        log_prior = tf.add_n([tf.reduce_sum(-0.5 * z**2, axis=[1, 2, 3]) for z in latents])
+        return log_prior + log_det
+
+
+def _dense_model(width, depth):
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((width,))]
+    for _ in range(depth):
+        layers += [tf_actnorm.ActNorm(), keras.layers.Dense(width, activation="tanh")]
+    return keras.Sequential(layers + [tf_actnorm.ActNorm(), keras.layers.Dense(1)])
+
+
+def _flow_train_step(model):
+    """As examples/glow_digits.py: Adam on the negative log-likelihood."""
+    optimizer = keras.optimizers.Adam(1e-4)
+
+    @tf.function  # Keras' default on CPU ("auto": no XLA); XLA compiles for ~1 minute here
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return step
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _timed_with_peak_rss(fn):
+    """(seconds, peak resident memory growth in bytes) of ``fn()``, RSS sampled every 2
+    ms from another thread (0 where /proc is missing)."""
+    if not os.path.exists("/proc/self/statm"):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start, 0
+    peak, stop = [_rss_bytes()], threading.Event()
+
+    def sample():
+        while not stop.wait(0.002):
+            peak.append(_rss_bytes())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        fn()
+    finally:
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+    return seconds, max(peak) - peak[0]
+
+
+def _warm_passes_seconds(model, dataset):
+    """Seconds of ``initialize``'s passes (one per layer, in order) once traced: each
+    layer's pass runs twice, the second (timed) with its functions already traced and
+    compiled. Uses initialize's internals, the same steps as ``tf_actnorm.initialize``."""
+    init = tf_actnorm.init
+    source = init._Source(dataset, None, None)
+    first = source.first()
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), first)
+    order, calls = init._actnorm_layers_in_call_order(model, first)
+    total = 0.0
+    for layer in order:
+        step = init._StatisticsStep(model, layer, stop=calls[layer] == 1)
+        with step.collecting():
+            step.run(source, spec, lambda n: None)
+            start = time.perf_counter()
+            moments = step.run(source, spec, lambda n: None)
+            total += time.perf_counter() - start
+        layer._state.assign_from_moments(moments)
+    return total
+
+
+def init_rows(table, args):
+    # Glow-like flow: initialize(steps=16) from a fresh (built, uninitialised) model,
+    # its traces included, against 16 steps of the compiled (XLA) train step.
+    steps_per_level, hidden, batches = (1, 8, 16) if args.quick else (5, 64, 16)
+    rng = np.random.default_rng(0)
+    images = tf.data.Dataset.from_tensor_slices(
+        (rng.uniform(size=(batches * 64, 8, 8, 1)) - 0.5).astype("float32")).batch(64).cache()
+    x = next(iter(images))
+
+    def fresh_glow():
+        keras.utils.set_random_seed(0)
+        model = GlowLike(steps_per_level, hidden)
+        model(x, training=False)  # builds; inference never initialises
+        return model
+
+    model = fresh_glow()
+    layers = sum(isinstance(l, tf_actnorm.ActNorm) for l in model._flatten_layers())
+    start = time.perf_counter()
+    tf_actnorm.initialize(model, images, steps=batches, verbose=0)
+    init_s = time.perf_counter() - start
+    passes_s = _warm_passes_seconds(fresh_glow(), images.take(batches))
+    model = fresh_glow()
+    train = _flow_train_step(model)
+    start = time.perf_counter()
+    train(x)  # traces and initialises
+    compile_s = time.perf_counter() - start
+    for _ in range(3):
+        train(x)
+    _sync()
+    train_s = []
+    for _ in range(max(3, args.repeats // 3)):
+        start = time.perf_counter()
+        for batch in images.take(batches):
+            train(batch)
+        _sync()
+        train_s.append(time.perf_counter() - start)
+    train_s = statistics.median(train_s)
+    table.add("init/glow/initialize(steps=16) vs 16 train steps", f"{init_s:.2f} s",
+              f"{train_s:.3f} s", init_s / train_s, 5.0,
+              note=f"{layers} ActNorm layers, batch [64, 8, 8, 1], hidden {hidden}; from a fresh "
+                   f"model, its {layers} traces and their first runs included; train steps "
+                   f"compiled (tf.function, Adam), their tracing ({compile_s:.1f} s) not included")
+    table.add("init/glow/initialize passes vs 16 train steps (no tracing)", f"{passes_s:.2f} s",
+              f"{train_s:.3f} s", passes_s / train_s, 5.0,
+              note=f"initialize's {layers} passes over 16 batches (each runs the model up to its "
+                   "layer), each pass timed when run a second time, already traced")
+
+    # Small dense model, many batches made on the fly: throughput and memory.
+    batches, shape = (400, (256, 64)) if args.quick else (2000, (256, 64))
+    data = tf.data.Dataset.range(batches).map(
+        lambda i: tf.random.stateless_normal(shape, tf.stack([i, 0]), mean=1.0, stddev=3.0))
+    tf_actnorm.initialize(_dense_model(shape[1], 3), data.take(4), verbose=0)  # warm-up
+    model = _dense_model(shape[1], 3)
+    layers = sum(isinstance(l, tf_actnorm.ActNorm) for l in model.layers)
+    init_s, growth = _timed_with_peak_rss(lambda: tf_actnorm.initialize(model, data, verbose=0))
+    train = _train_step(model, jit=True)
+    for batch in data.take(3):
+        train(batch)
+    start = time.perf_counter()
+    for batch in data:
+        train(batch)
+    _sync()
+    train_s = time.perf_counter() - start
+    data_bytes = batches * int(np.prod(shape)) * 4
+    table.add("init/dense/initialize vs train steps, same batches",
+              f"{batches * layers / init_s:,.0f} batch·layers/s", f"{batches / train_s:,.0f} steps/s",
+              init_s / train_s, 5.0,
+              note=f"{batches} batches {list(shape)} f32 made on the fly, {layers} ActNorm layers; "
+                   f"{init_s:.2f} s (cold) vs {train_s:.2f} s (XLA, SGD)")
+    table.add("init/dense/peak RSS growth vs data size", _mib(growth), _mib(data_bytes),
+              growth / data_bytes, 0.5,
+              note=f"initialize over {batches} batches: resident memory sampled every 2 ms")
 
 
 GROUPS = {
@@ -454,6 +868,8 @@ GROUPS = {
     "log-det": log_det_rows,
     "first": first_call_rows,
     "memory": memory_rows,
+    "init": init_rows,
+    "jax": jax_rows,
 }
 
 
@@ -461,14 +877,21 @@ GROUPS = {
 
 
 def _cpu_name():
+    """The CPU model as /proc/cpuinfo (and ``lscpu``) name it, with its family and model
+    numbers: a virtual machine may report only "AMD EPYC" or "Intel Xeon", and CPU fast
+    paths differ between generations."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in info:
+        return platform.processor() or platform.machine()
+    numbers = [f"{key} {info[key]}" for key in ("cpu family", "model") if key in info]
+    return info["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def device_description():

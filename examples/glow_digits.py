@@ -30,6 +30,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny run, for smoke tests")
 parser.add_argument("--out", default=".", help="directory for glow_digits.png")
 args = parser.parse_args()
+os.makedirs(args.out, exist_ok=True)  # before training, so a bad --out fails fast
 steps_per_level, hidden, train_steps, batch = (1, 8, 20, 64) if args.quick else (4, 64, 1500, 64)
 keras.utils.set_random_seed(0)
 

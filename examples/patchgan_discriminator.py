@@ -31,6 +31,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny run, for smoke tests")
 parser.add_argument("--out", default=".", help="directory for patchgan_discriminator.png")
 args = parser.parse_args()
+os.makedirs(args.out, exist_ok=True)  # before training, so a bad --out fails fast
 adversarial_steps, batch = (3, 16) if args.quick else (300, 32)
 keras.utils.set_random_seed(0)
 rng = np.random.default_rng(0)

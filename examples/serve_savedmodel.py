@@ -30,6 +30,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny run, for smoke tests")
 parser.add_argument("--out", default=".", help="directory for serve_savedmodel.png")
 args = parser.parse_args()
+os.makedirs(args.out, exist_ok=True)  # before training, so a bad --out fails fast
 epochs = 2 if args.quick else 60
 keras.utils.set_random_seed(0)
 

@@ -32,6 +32,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--quick", action="store_true", help="tiny run, for smoke tests")
 parser.add_argument("--out", default=".", help="directory for two_moons.png")
 args = parser.parse_args()
+os.makedirs(args.out, exist_ok=True)  # before training, so a bad --out fails fast
 blocks, hidden, steps, batch = (2, 16, 30, 128) if args.quick else (6, 64, 2500, 256)
 keras.utils.set_random_seed(0)
 

@@ -75,9 +75,22 @@ def _kind(variable):
 
 
 def _replica_state(strategy, obj):
-    names = ("bias", "log_scale", "initialized")
-    state = {name: _components(strategy, getattr(obj, name)) for name in names}
-    state["kinds"] = {name: _kind(getattr(obj, name)) for name in names}
+    """Each local replica's ``bias`` / ``log_scale`` / ``initialized`` and the kinds of
+    the variables behind them. For a layer (or a layer's bijector) the parameters in
+    use are the data-dependent variable plus the trainable residual, added here per
+    replica in float32 as the layer adds them; the residuals' kinds are listed too."""
+    import numpy as np
+
+    state_ = obj._state
+    variables = {"bias": state_.initial_bias, "log_scale": state_.initial_log_scale,
+                 "initialized": state_.initialized}
+    state = {name: _components(strategy, v) for name, v in variables.items()}
+    state["kinds"] = {name: _kind(v) for name, v in variables.items()}
+    if state_.residuals is not None:
+        for name, residual in zip(("bias", "log_scale"), state_.residuals):
+            state[name] = [(np.float32(a) + np.float32(r)).tolist() for a, r in
+                           zip(state[name], _components(strategy, residual), strict=True)]
+            state["kinds"][f"{name}_residual"] = _kind(residual)
     return state
 
 
@@ -193,6 +206,25 @@ def custom_loop(strategy, steps, rank, local, jit_compile=False, make_layer=None
         sizes = train_step(_distribute(strategy, shards))
         seen.append([int(s) for s in strategy.experimental_local_results(sizes)])
     return _init_result(strategy, model, steps, seen, local, make_layer)
+
+
+def initialize_mirrored(strategy, x, rank, source, in_scope):
+    """``tf_actnorm.initialize`` on a model with mirrored variables, from several
+    batches (a numpy array or a tf.data.Dataset), called in or outside
+    ``strategy.scope()``: it runs in cross-replica context and writes every replica."""
+    import contextlib
+
+    import tensorflow as tf
+    import tf_actnorm
+
+    with strategy.scope():
+        model = _model(rank)
+    data = x if source == "numpy" else tf.data.Dataset.from_tensor_slices(x).batch(4)
+    with strategy.scope() if in_scope else contextlib.nullcontext():
+        summary = tf_actnorm.initialize(model, data, batch_size=4, verbose=0)
+    result = _init_result(strategy, model, [[x]], None, [0, 1], None)
+    result["summary"] = list(summary)
+    return result
 
 
 def fit_arrays(strategy, x, rank, batch_size, workaround=False):
@@ -565,6 +597,12 @@ def run_mirrored():
         x = make_shards(seed, [3], rank)[0]
         _run(results, f"fit_arrays/rank{rank}/partial",
              lambda: fit_arrays(strategy, x, rank, batch_size=8, workaround=True))
+    for source in ("numpy", "dataset"):
+        for in_scope in (False, True):
+            seed += 1
+            x = make_shards(seed, [11], 4)[0]
+            _run(results, f"initialize/{source}/{'in_scope' if in_scope else 'outside_scope'}",
+                 lambda: initialize_mirrored(strategy, x, 4, source, in_scope))
     for name, kwargs, sizes, rank in (
             ("bijector/forward/unequal", {}, [5, 2], 2),
             ("bijector/forward/empty_first", {}, [0, 4], 2),

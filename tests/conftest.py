@@ -7,6 +7,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 
+# The JAX/PyTorch sub-suite runs in its own environment (no TensorFlow), launched by
+# tests/test_backends.py; this TensorFlow run does not collect it.
+collect_ignore = ["backends"]
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -1,5 +1,10 @@
 """tf_actnorm.ActNormBijector (issue 4)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +12,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 import tf_actnorm
-from tests.util import numpy_init, snapshot
+from tests.util import assert_unchanged, numpy_init, snapshot
+# TFP's own bijector checks (TFP's pip package does not ship its `bijector_test_util`;
+# TensorFlow ships these two, written for sessions: `_EagerSession` stands in).
+from tensorflow.python.ops.distributions import bijector_test_util
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -262,3 +270,181 @@ def test_flow_in_a_keras_model_trains_with_fit(rng):
     assert all(layer.initialized.numpy() for layer in model.actnorms)
     losses = history.history["loss"]
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+# ---- TFP citizenship (issue 15) ----
+
+class _EagerSession:
+    """The one method ``bijector_test_util`` asks of its ``sess``, for eager tensors."""
+
+    @staticmethod
+    def run(fetches):
+        return tf.nest.map_structure(np.asarray, fetches)
+
+
+@pytest.mark.parametrize("shape,axis,event_ndims", EVENTS, ids=EVENT_IDS)
+def test_tfp_assert_bijective_and_finite(rng, shape, axis, event_ndims):
+    bijector = _initialised(rng, shape[axis], axis)
+    x = (rng.normal(size=shape) * 100).astype("float32")
+    y = (rng.normal(size=shape) * 100).astype("float32")
+    bijector_test_util.assert_bijective_and_finite(
+        bijector, x, y, event_ndims, atol=1e-3, rtol=1e-5, sess=_EagerSession)
+
+
+def test_tfp_assert_scalar_congruency():
+    # Monotonic, inverse pair and change of measure (a Monte Carlo integral of the
+    # Jacobian) on R -> R: a 1-channel ActNorm between reshapes of scalars to [1].
+    bijector = tf_actnorm.ActNormBijector(1)
+    bijector.bias.assign([0.7])
+    bijector.log_scale.assign([0.4])
+    bijector.initialized.assign(True)
+    scalar = tfb.Chain([tfb.Reshape([], [1]), bijector, tfb.Reshape([1], [])])
+    bijector_test_util.assert_scalar_congruency(scalar, -3.0, 3.0, rtol=0.05, sess=_EagerSession)
+    np.testing.assert_allclose(scalar.forward(2.0).numpy(), np.exp(0.4) * 2.7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [-1, -3])
+def test_batch_shape_is_empty_like_stock_bijectors(rng, axis):
+    bijector = _initialised(rng, 3, axis)
+    low = -axis
+    for ndims in (low, low + 1, low + 2):
+        assert bijector.experimental_batch_shape(x_event_ndims=ndims) == []
+        assert bijector.experimental_batch_shape_tensor(x_event_ndims=ndims).numpy().tolist() == []
+    assert bijector.experimental_batch_shape() == []
+    assert bijector.experimental_batch_shape(y_event_ndims=low) == []
+    properties = tf_actnorm.ActNormBijector.parameter_properties()
+    assert sorted(properties) == ["bias", "log_scale"]
+    for prop in properties.values():
+        assert prop.event_ndims == 1
+        assert isinstance(prop.default_constraining_bijector_fn(), tfb.Identity)
+    # In compositions ActNorm adds no batch dimension; a batched neighbour's shows through.
+    assert tfb.Chain([tfb.Scale(2.0), bijector]).experimental_batch_shape(x_event_ndims=low) == []
+    assert tfb.Chain([tfb.Scale(tf.ones([4] + [1] * low)), bijector]).experimental_batch_shape(
+        x_event_ndims=low) == [4]
+    event = [3] + [2] * (low - 1)
+    base = tfd.Independent(tfd.Normal(tf.zeros([5] + event), 1.0), low)
+    flow = tfd.TransformedDistribution(base, tfb.Invert(bijector))
+    assert flow.batch_shape == [5] and flow.batch_shape_tensor().numpy().tolist() == [5]
+    assert flow.log_prob(rng.normal(size=[5] + event).astype("float32")).shape == [5]
+    single = tfd.TransformedDistribution(tfd.Independent(tfd.Normal(tf.zeros(event), 1.0), low),
+                                         bijector)
+    assert single.batch_shape == [] and single.event_shape == event
+
+
+def test_slices_and_copies_share_the_variables(rng):
+    bijector = _initialised(rng, 3)
+    x = rng.normal(size=(4, 3)).astype("float32")
+    for other in (bijector[...], bijector.copy()):
+        assert other is not bijector and other == bijector
+        assert other.bias is bijector.bias and other.log_scale is bijector.log_scale
+        assert other.experimental_batch_shape() == []
+        np.testing.assert_array_equal(other.forward(x).numpy(), bijector.forward(x).numpy())
+    for index in (0, slice(0, 1), tf.newaxis, (Ellipsis, 0)):
+        with pytest.raises(ValueError, match="act_norm.*batch shape"):
+            bijector[index]
+
+
+def test_bijectors_with_equal_arguments_do_not_share_tfps_cache(rng):
+    # TFP caches forward/inverse pairs for all bijectors with equal `parameters`:
+    # two ActNorms built with the same arguments hold different variables.
+    first, second = _initialised(rng, 3), _initialised(rng, 3)
+    assert first != second
+    x = tf.constant(rng.normal(size=(4, 3)).astype("float32"))
+    y = first.forward(x)
+    expected = y.numpy() * np.exp(-second.log_scale.numpy()) - second.bias.numpy()
+    np.testing.assert_allclose(second.inverse(y).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+ENTRY_POINTS = {
+    "forward": lambda b, t: b.forward(t),
+    "inverse": lambda b, t: b.inverse(t),
+    "forward_log_det_jacobian": lambda b, t: b.forward_log_det_jacobian(t, b.forward_min_event_ndims),
+    "inverse_log_det_jacobian": lambda b, t: b.inverse_log_det_jacobian(t, b.forward_min_event_ndims),
+}
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function", "xla"])
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_channel_mismatch_is_a_named_value_error(entry, mode):
+    bijector = tf_actnorm.ActNormBijector(3, name="flow_an")  # uninitialised: nothing may run
+    call = ENTRY_POINTS[entry]
+    if mode != "eager":
+        call = tf.function(call, jit_compile=(mode == "xla"))
+    before = snapshot(bijector)
+    with pytest.raises(ValueError, match=r"flow_an: expected 3 channels on axis -1, got 5 "
+                                         r"\(input shape \(4, 5\)\)"):
+        call(bijector, tf.zeros([4, 5]))
+    assert_unchanged(before, snapshot(bijector))
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_rank_and_channels_first_mismatch_are_named_value_errors(rng, entry):
+    bijector = tf_actnorm.ActNormBijector(3, axis=-3, name="image_an")
+    call = ENTRY_POINTS[entry]
+    with pytest.raises(ValueError, match=r"image_an: expected an input of rank >= 3 .* got shape \(4, 3\)"):
+        call(bijector, tf.zeros([4, 3]))
+    with pytest.raises(ValueError, match="image_an: expected 3 channels on axis -3, got 4"):
+        call(bijector, np.zeros([2, 4, 3, 3], "float32"))
+    with pytest.raises(ValueError, match="image_an: .* got 2"):
+        call(bijector, [[[[0.0]], [[0.0]]]])  # a nested list: checked before conversion
+    assert not bijector.initialized.numpy()
+    # A channel size unknown at trace time cannot be checked statically: it runs.
+    x = rng.normal(size=(2, 3, 2, 2)).astype("float32")
+    fn = tf.function(lambda t: call(bijector, t), input_signature=[tf.TensorSpec([None] * 4)])
+    np.testing.assert_allclose(fn(x).numpy(), call(bijector, x).numpy(), rtol=1e-6)
+
+
+def test_bad_init_data_under_xla_changes_nothing(rng):
+    bijector = tf_actnorm.ActNormBijector(2, validate_args=True)
+    before = snapshot(bijector)
+    bad = rng.normal(size=(4, 2)).astype("float32")
+    bad[1, 0] = np.nan
+    tf.function(bijector.forward, jit_compile=True)(tf.constant(bad))  # XLA: no error possible
+    assert_unchanged(before, snapshot(bijector))
+    tf.function(bijector.forward, jit_compile=True)(tf.constant(bad[:0]))
+    assert_unchanged(before, snapshot(bijector))
+
+
+_XLA_LOG_PROBE = textwrap.dedent("""
+    import keras, numpy as np, tensorflow as tf, tensorflow_probability as tfp
+    import tf_actnorm
+    tfb, tfd = tfp.bijectors, tfp.distributions
+    layer = tf_actnorm.ActNorm(name="probe_layer")
+    layer.build((None, 2))
+    chain = tfb.Chain([tf_actnorm.ActNormBijector(2, validate_args=True, name="probe_bijector"),
+                       tfb.Scale(2.0), layer.bijector])
+    flow = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(chain))
+    optimizer = keras.optimizers.SGD(0.01)
+
+    @tf.function(jit_compile=True)
+    def step(x):
+        with tf.name_scope("control"):  # proves that XLA's log is captured
+            tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(x)), ["control"])
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(flow.log_prob(x)) + tf.reduce_sum(layer(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, chain.trainable_variables),
+                                      chain.trainable_variables))
+        return loss
+
+    step(tf.constant(np.random.default_rng(0).normal(size=(16, 2)), tf.float32))
+    model = keras.Sequential([keras.Input((2,)), tf_actnorm.ActNorm(name="probe_fit")])
+    model.compile("sgd", "mse", jit_compile=True)
+    model.fit(np.ones((8, 2), "float32"), np.ones((8, 2), "float32"), verbose=0)
+    assert all(v.numpy() for v in (layer.initialized, chain.bijectors[0].initialized,
+                                   model.layers[0].initialized))
+    print("probe done")
+""")
+
+
+def test_xla_compiles_without_ignored_assert_lines_from_this_package(tmp_path):
+    # XLA drops Assert ops and logs `Ignoring Assert operator <node>` for each one at
+    # every compile; ActNorm builds none under XLA (state stays safe by selection).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(tf_actnorm.__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", PYTHONPATH=root)
+    result = subprocess.run([sys.executable, "-c", _XLA_LOG_PROBE], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "probe done" in log, log[-3000:]
+    ignored = [line for line in log.splitlines() if "Ignoring Assert" in line]
+    assert any("control/Assert" in line for line in ignored), log[-3000:]
+    assert [line for line in ignored if "probe" in line] == []

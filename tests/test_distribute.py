@@ -155,14 +155,19 @@ MIRRORED_KINDS = {  # (class, synchronization, aggregation) under the strategies
     "log_scale": ["MirroredVariable", "ON_WRITE", "MEAN"],
     "initialized": ["MirroredVariable", "ON_WRITE", "ONLY_FIRST_REPLICA"],
 }
+# A layer's parameters are data-dependent variables (above) plus trainable residuals.
+LAYER_KINDS = dict(MIRRORED_KINDS,
+                   bias_residual=["MirroredVariable", "ON_WRITE", "MEAN"],
+                   log_scale_residual=["MirroredVariable", "ON_WRITE", "MEAN"])
 
 
-def assert_scenario(result, direction="forward"):
+def assert_scenario(result, direction="forward", layer=True):
     """Every replica holds identical values, equal to the single-device init and to
-    numpy's on the concatenated first (initialising) global batch."""
+    numpy's on the concatenated first (initialising) global batch. ``layer``: the
+    variables are an ActNorm layer's (False: a standalone bijector's)."""
     assert "error" not in result, result.get("error")
     replicas = result["replicas"]
-    assert replicas["kinds"] == MIRRORED_KINDS
+    assert replicas["kinds"] == (LAYER_KINDS if layer else MIRRORED_KINDS)
     for name in ("bias", "log_scale", "initialized"):
         for component in replicas[name][1:]:
             np.testing.assert_array_equal(component, replicas[name][0], err_msg=name)
@@ -226,6 +231,16 @@ def test_mirrored_empty_global_batch_raises_and_changes_nothing(mirrored):
     assert_scenario(result)  # the next, non-empty, global batch initialises
 
 
+@pytest.mark.parametrize("scope", ["outside_scope", "in_scope"])
+@pytest.mark.parametrize("source", ["numpy", "dataset"])
+def test_mirrored_initialize(mirrored, source, scope):
+    """tf_actnorm.initialize on mirrored variables, from three batches (4, 4, 3): every
+    replica holds numpy's init on all 11 examples, in or outside strategy.scope()."""
+    result = mirrored[f"initialize/{source}/{scope}"]
+    assert_scenario(result)
+    assert len(result["summary"]) == 1
+
+
 @pytest.mark.parametrize("rank", [2, 4])
 @pytest.mark.parametrize("split", ["unequal", "empty_first"])
 def test_mirrored_fit_from_function(mirrored, rank, split):
@@ -260,7 +275,7 @@ def test_mirrored_bijector_in_replica_context(mirrored, name, sizes, direction):
     """ActNormBijector.forward / .inverse inside strategy.run (standalone variables,
     and a layer's shared ones)."""
     result = mirrored[name]
-    assert_scenario(result, direction)
+    assert_scenario(result, direction, layer="from_layer" in name)
     assert [len(s) for s in result["steps"][0]] == sizes
 
 
@@ -272,7 +287,7 @@ def test_mirrored_training_after_init_matches_single_device(mirrored, rank):
     result = mirrored[f"trains_like_single_device/rank{rank}"]
     assert "error" not in result, result.get("error")
     replicas = result["replicas"]
-    assert replicas["kinds"] == MIRRORED_KINDS
+    assert replicas["kinds"] == LAYER_KINDS
     for name in ("bias", "log_scale"):
         np.testing.assert_array_equal(replicas[name][1], replicas[name][0], err_msg=name)
         np.testing.assert_allclose(replicas[name][0], result["single_device_trained"][name],
@@ -361,7 +376,7 @@ def test_known_failures_are_shared_by_stock_keras_layers(mirrored, check):
 def test_mirrored_single_replica(single_replica):
     """A 1-replica MirroredStrategy (one GPU): mirrored variables in replica context."""
     for name in ("custom/rank2", "fit_arrays/rank4", "bijector/forward"):
-        assert_scenario(single_replica[name])
+        assert_scenario(single_replica[name], layer=not name.startswith("bijector/"))
 
 
 # ---------------------------------------------------------------------- MultiWorkerMirroredStrategy
@@ -391,7 +406,7 @@ def test_multi_worker(multi_worker, name):
                           for k in ("bias", "log_scale", "initialized")}
     merged["replicas"]["kinds"] = workers[0]["replicas"]["kinds"]
     assert workers[1]["replicas"]["kinds"] == workers[0]["replicas"]["kinds"]
-    assert_scenario(merged)
+    assert_scenario(merged, layer=not name.startswith("bijector/"))
 
 
 @pytest.mark.parametrize("check", ["fit", "fit_build_workaround", "custom_xla"])

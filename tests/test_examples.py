@@ -13,13 +13,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NUMBER = r"(-?[0-9.]+(?:e[-+][0-9]+)?)"
 
 
-def run_example(script, tmp_path, png):
+def run_example(script, tmp_path, png, out=None):
+    out = out or tmp_path
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(EXAMPLES / script), "--quick", "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    picture = tmp_path / png
+    picture = out / png
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {picture}" in result.stdout
     return result.stdout
@@ -40,6 +41,11 @@ def test_quickstart(tmp_path):
     assert before_mean > 1.0  # the conv output of raw pixels is far from standardised
     assert after_mean < 1e-3 and 0.999 <= low <= high <= 1.001
     assert "after training:" in out and "test accuracy:" in out
+
+
+def test_out_directory_is_created_when_missing(tmp_path):
+    out = tmp_path / "missing" / "nested"
+    run_example("quickstart.py", tmp_path, "quickstart.png", out=out)  # checks the picture
 
 
 def test_two_moons_flow(tmp_path):

@@ -120,7 +120,7 @@ def test_frozen_initialised_layer_never_changes_in_fit():
     before = snapshot(layer)
     model.fit(x, y, epochs=2, verbose=0)
     assert_unchanged(before, snapshot(layer))
-    assert not layer.trainable_weights and len(layer.non_trainable_weights) == 3
+    assert not layer.trainable_weights and len(layer.non_trainable_weights) == 5
 
 
 def test_bijector_of_a_frozen_layer_never_initialises():
@@ -156,6 +156,6 @@ class KerasLayerHarness(TestCase):
             self.run_layer_test(
                 tf_actnorm.ActNorm, init_kwargs={"axis": axis, "epsilon": 1e-5},
                 input_shape=shape, expected_output_shape=shape,
-                expected_num_trainable_weights=2, expected_num_non_trainable_weights=1,
-                expected_num_non_trainable_variables=1, expected_num_seed_generators=0,
+                expected_num_trainable_weights=2, expected_num_non_trainable_weights=3,
+                expected_num_non_trainable_variables=3, expected_num_seed_generators=0,
                 expected_num_losses=0, supports_masking=True)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_actnorm
-from tests.util import assert_unchanged, numpy_init, snapshot
+from tests.util import assert_unchanged, assign_parameters, numpy_init, snapshot
 
 # (shape, axis): every rank 2..5, channels-last and channels-first.
 SHAPES = [
@@ -48,8 +48,7 @@ def test_forward_matches_formula_and_inverse_round_trips(rng, shape, axis):
     layer(_data(rng, shape, axis), training=True)
     # Move away from the init values so the test covers arbitrary parameters.
     channels = shape[axis]
-    layer.bias.assign(rng.normal(size=channels).astype("float32"))
-    layer.log_scale.assign(rng.normal(size=channels).astype("float32"))
+    assign_parameters(layer, bias=rng.normal(size=channels), log_scale=rng.normal(size=channels))
     x = rng.normal(size=shape).astype("float32")
     y = layer(x)
     cshape = [1] * len(shape)
@@ -63,7 +62,7 @@ def test_forward_matches_formula_and_inverse_round_trips(rng, shape, axis):
 def test_log_det_equals_numeric_jacobian(rng, shape, axis):
     layer = tf_actnorm.ActNorm(axis=axis)
     layer(_data(rng, shape, axis), training=True)
-    layer.log_scale.assign(rng.normal(scale=0.5, size=shape[axis]).astype("float32"))
+    assign_parameters(layer, log_scale=rng.normal(scale=0.5, size=shape[axis]))
     x = tf.constant(rng.normal(size=shape).astype("float32"))
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -156,11 +155,15 @@ def test_symbolic_models_and_summary():
     layer = functional.get_layer("an")
     assert not layer.initialized.numpy()  # no init from a symbolic tensor
     assert tuple(outputs.shape) == (None, 6, 6, 5)
-    assert layer.count_params() == 2 * 5 + 1
+    # Trainable residuals (2C), their data-dependent parts (2C) and the flag.
+    assert layer.count_params() == 4 * 5 + 1
     assert sum(int(np.prod(w.shape)) for w in layer.trainable_weights) == 10
+    assert [w.name for w in layer.trainable_weights] == ["bias_residual", "log_scale_residual"]
+    assert [w.name for w in layer.non_trainable_weights] == [
+        "initial_bias", "initial_log_scale", "initialized"]
     lines = []
     functional.summary(print_fn=lambda line, **_: lines.append(line))
-    assert any("an (ActNorm)" in line and " 11 " in line for line in lines)
+    assert any("an (ActNorm)" in line and " 21 " in line for line in lines)
     sequential = keras.Sequential([keras.Input((7, 2)), tf_actnorm.ActNorm(), keras.layers.Dense(1)])
     assert tuple(sequential.output_shape) == (None, 7, 1)
     assert not sequential.layers[0].initialized.numpy()
@@ -198,9 +201,27 @@ def test_channel_mismatch_is_rejected(rng):
     layer = tf_actnorm.ActNorm(name="my_actnorm")
     layer(_data(rng, (4, 3), -1), training=True)
     before = snapshot(layer)
-    with pytest.raises(ValueError, match="my_actnorm"):
-        layer(tf.zeros([4, 5]))
+    with pytest.raises(ValueError, match="my_actnorm.*expected axis -1 .* value 3.*shape \\(4, 5\\)"):
+        layer(tf.zeros([4, 5]))  # Keras' input_spec message: layer, expected and received
     assert_unchanged(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+@pytest.mark.parametrize("method", ["inverse", "forward_log_det_jacobian"])
+def test_inverse_and_log_det_reject_mismatched_inputs(rng, method, mode):
+    # These bypass Keras' input_spec check in `__call__`: same checks, named errors.
+    layer = tf_actnorm.ActNorm(axis=1, name="my_actnorm")
+    layer(_data(rng, (4, 3, 2, 2), 1), training=True)
+    fn = getattr(layer, method)
+    if mode == "tf.function":
+        fn = tf.function(fn)
+    with pytest.raises(ValueError, match=r"my_actnorm: expected 3 channels on axis 1, got 5 "
+                                         r"\(input shape \(4, 5, 2, 2\)\)"):
+        fn(tf.zeros([4, 5, 2, 2]))
+    with pytest.raises(ValueError, match=r"my_actnorm: expected an input of rank 4, got shape \(4, 3\)"):
+        fn(tf.zeros([4, 3]))
+    with pytest.raises(ValueError, match="my_actnorm: build the layer"):
+        getattr(tf_actnorm.ActNorm(name="my_actnorm"), method)(tf.zeros([4, 3]))
 
 
 @pytest.mark.parametrize("dtype", ["int32", "int64", "bool"])
@@ -224,7 +245,8 @@ def test_bad_init_data_raises_and_changes_nothing(rng, kind, mode):
     layer = tf_actnorm.ActNorm(name="my_actnorm")
     layer.build((None, 3))
     before = snapshot(layer)
-    call = layer if mode == "eager" else tf.function(lambda t: layer(t, training=True))
+    train_call = lambda t: layer(t, training=True)  # noqa: E731
+    call = train_call if mode == "eager" else tf.function(train_call)
     message = "empty" if kind == "empty" else "NaN or Inf"
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"my_actnorm.*{message}"):
         call(tf.constant(_poisoned(rng, kind)))

@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_actnorm
-from tests.util import numpy_init
+from tests.util import assign_parameters, numpy_init
 
 
 def _padded(rng, lengths, steps=6, channels=3):
@@ -58,7 +58,7 @@ def test_masked_log_det_equals_numeric_jacobian_on_valid_positions(rng):
     x, mask = _padded(rng, [4, 1, 3], steps=4, channels=2)
     layer = tf_actnorm.ActNorm()
     layer(x, mask=mask, training=True)
-    layer.log_scale.assign([0.3, -0.7])
+    assign_parameters(layer, log_scale=[0.3, -0.7])
     xt = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xt)

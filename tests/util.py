@@ -4,8 +4,12 @@ import numpy as np
 
 
 def snapshot(obj):
-    """Numpy copies of an ActNorm layer's or bijector's (bias, log_scale, initialized)."""
-    return tuple(np.array(v.numpy()) for v in (obj.bias, obj.log_scale, obj.initialized))
+    """Numpy copies of an ActNorm layer's or bijector's (bias, log_scale, initialized),
+    the parameters in use, followed by every variable behind them (a layer's five
+    weights), so that "unchanged" covers the data-dependent parts and the residuals."""
+    values = [obj.bias, obj.log_scale, obj.initialized]
+    values += getattr(obj, "weights", None) or list(obj.variables)
+    return tuple(np.array(v.numpy()) for v in values)
 
 
 def assert_unchanged(before, after):
@@ -23,3 +27,12 @@ def numpy_init(x, axis=-1, epsilon=1e-6, valid=None):
     if valid is not None:
         rows = rows[np.asarray(valid, bool).reshape(-1)]
     return -rows.mean(0), -np.log(rows.std(0) + epsilon)
+
+
+def assign_parameters(layer, bias=None, log_scale=None):
+    """Set an ActNorm layer's parameters in use (``layer.bias`` / ``layer.log_scale``)
+    through its trainable residuals, as training would move them."""
+    for value, initial, residual in ((bias, layer.initial_bias, layer.bias_residual),
+                                     (log_scale, layer.initial_log_scale, layer.log_scale_residual)):
+        if value is not None:
+            residual.assign(np.asarray(value, "float32") - np.asarray(initial.numpy()))

@@ -30,18 +30,38 @@ class ActNormState:
     """``bias``, ``log_scale`` (shape [C]) and the scalar bool ``initialized``.
 
     Holds raw ``tf.Variable`` objects (or distributed ones), so that several
-    owners can share them.
+    owners can share them. ``bias`` / ``log_scale`` are the variables that
+    initialisation assigns. With ``residuals`` (a pair of trainable variables, the
+    Keras layer's layout, see ``tf_actnorm.layer``) the parameters are
+    ``bias + residuals[0]`` and ``log_scale + residuals[1]``: initialisation then
+    assigns ``value - residual`` and never writes the residuals, as on JAX, where
+    Keras drops assignments to trainable variables made inside ``fit``.
     """
 
-    def __init__(self, bias, log_scale, initialized, axis, epsilon, name):
-        self.bias = bias
-        self.log_scale = log_scale
+    def __init__(self, bias, log_scale, initialized, axis, epsilon, name, residuals=None):
+        self.initial_bias = bias
+        self.initial_log_scale = log_scale
+        self.residuals = residuals
         self.initialized = initialized
         self.axis = axis
         self.epsilon = epsilon
         self.name = name
         # A bijector made from a layer asks the layer: a frozen layer never initialises.
         self.can_initialize = lambda: True
+
+    @property
+    def bias(self):
+        """The bias in use: a variable, or (with residuals) a tensor read now."""
+        if self.residuals is None:
+            return self.initial_bias
+        return self.initial_bias + self.residuals[0]
+
+    @property
+    def log_scale(self):
+        """The log-scale in use: a variable, or (with residuals) a tensor read now."""
+        if self.residuals is None:
+            return self.initial_log_scale
+        return self.initial_log_scale + self.residuals[1]
 
     def maybe_initialize(self, data, mask=None, from_outputs=False, enabled=True):
         """Initialise from ``data`` unless already initialised.
@@ -79,13 +99,15 @@ class ActNormState:
         checks = _stats.check(moments, self.name, enabled=needed)
         init = _math.init_from_outputs if from_outputs else _math.init_from_inputs
         with tf.control_dependencies(checks):
-            bias, log_scale = init(moments.mean, _stats.variance(moments), self.epsilon)
+            values = init(moments.mean, _stats.variance(moments), self.epsilon)
             update = tf.logical_and(valid, needed)
-            assigned = [
-                self.bias.assign(tf.where(update, tf.cast(bias, self.bias.dtype), self.bias)),
-                self.log_scale.assign(
-                    tf.where(update, tf.cast(log_scale, self.log_scale.dtype), self.log_scale)),
-            ]
+            assigned = []
+            for i, (variable, value) in enumerate(
+                    zip((self.initial_bias, self.initial_log_scale), values)):
+                value = tf.cast(value, variable.dtype)
+                if self.residuals is not None:
+                    value -= self.residuals[i]
+                assigned.append(variable.assign(tf.where(update, value, variable)))
             with tf.control_dependencies(assigned):
                 return tf.identity(self.initialized.assign(tf.logical_or(self.initialized, update)))
 

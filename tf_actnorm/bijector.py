@@ -4,6 +4,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tensorflow_probability.python.internal import parameter_properties
+
+from tf_actnorm import _checks
 from tf_actnorm import _math
 from tf_actnorm import _state
 
@@ -36,6 +39,17 @@ class ActNormBijector(tfp.bijectors.Bijector):
     built :class:`tf_actnorm.ActNorm` layer's ``bias``, ``log_scale`` and
     ``initialized`` variables, so training or initialising either changes both.
 
+    Every entry point (``forward``, ``inverse`` and both log-dets) raises
+    ``ValueError`` naming the bijector, before building any op, on an input whose
+    static rank is below the event rank or whose static channel size is not
+    ``num_channels``.
+
+    Its batch shape is ``[]``: ``bias`` and ``log_scale`` are one ``[C]``
+    event-shaped parameter each (``parameter_properties``). ``bijector[...]`` and
+    ``copy()`` give an equal bijector sharing the variables; any other slice raises
+    ``ValueError`` (a stock bijector of batch shape ``[]`` cannot be indexed either,
+    and a batch of ActNorms would need a batch of variables).
+
     Args:
         num_channels: Python int, the size C of the channel axis.
         axis: Negative int, the channel axis counted from the end of the event
@@ -44,7 +58,8 @@ class ActNormBijector(tfp.bijectors.Bijector):
         epsilon: Small float added to the standard deviation at initialisation.
         validate_args: Python bool; adds checks that the parameters are finite.
             (Initialisation always checks its data: empty or non-finite batches
-            raise ``InvalidArgumentError`` and leave the variables unchanged.)
+            raise ``InvalidArgumentError`` and leave the variables unchanged.
+            Under XLA, which drops assertions, neither builds any.)
         dtype: Dtype of the variables (standalone only).
         name: Python str name.
 
@@ -61,7 +76,6 @@ class ActNormBijector(tfp.bijectors.Bijector):
     def __init__(self, num_channels=None, axis=-1, epsilon=1e-6, validate_args=False,
                  dtype=tf.float32, name="act_norm", _state=None):
         parameters = dict(locals())
-        parameters.pop("_state")
         if not isinstance(axis, int) or axis >= 0:
             raise ValueError(
                 f"{name}: `axis` must be a negative int counted from the end of the event, got {axis!r}")
@@ -72,10 +86,17 @@ class ActNormBijector(tfp.bijectors.Bijector):
                         f"{name}: `num_channels` must be a positive int, got {num_channels!r}")
                 _state = _new_state(num_channels, axis, epsilon, dtype, name)
             self._state = _state
-            # Attributes that tf.Module tracks as this bijector's variables.
-            self._bias = _state.bias
-            self._log_scale = _state.log_scale
+            # `copy()` (and so slicing) rebuilds from `parameters`: the copy shares these
+            # variables. It also makes TFP's input/output cache, shared by bijectors with
+            # equal parameters, tell apart two bijectors built with the same arguments.
+            parameters["_state"] = _state
+            self._channels = int(_state.initial_bias.shape[0])
+            # Attributes that tf.Module tracks as this bijector's variables (a layer's
+            # bijector also tracks the layer's trainable residuals: see ActNormState).
+            self._bias = _state.initial_bias
+            self._log_scale = _state.initial_log_scale
             self._initialized = _state.initialized
+            self._residuals = _state.residuals
             self._axis = axis
             self._epsilon = epsilon
             super().__init__(
@@ -94,21 +115,20 @@ class ActNormBijector(tfp.bijectors.Bijector):
                 f"{layer.name}: build the layer (call it once, or `layer.build(shape)`) "
                 "before taking its bijector")
         rank = layer.input_spec.ndim
-        state = _state.ActNormState(
-            layer.bias.value, layer.log_scale.value, layer.initialized.value,
-            layer.axis % rank - rank, layer.epsilon, layer.name)
+        state = layer._state
+        state.axis = layer.axis % rank - rank
         state.can_initialize = lambda: layer.trainable  # a frozen layer never changes
-        return cls(num_channels=int(layer.bias.shape[0]), axis=state.axis,
+        return cls(num_channels=int(layer.initial_bias.shape[0]), axis=state.axis,
                    epsilon=layer.epsilon, validate_args=validate_args,
                    name=name or layer.name, _state=state)
 
     @property
     def bias(self):
-        return self._bias
+        return self._state.bias
 
     @property
     def log_scale(self):
-        return self._log_scale
+        return self._state.log_scale
 
     @property
     def initialized(self):
@@ -129,6 +149,42 @@ class ActNormBijector(tfp.bijectors.Bijector):
             self._state.check_exportable()
         return super()._trackable_children(save_type, **kwargs)
 
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        # Both are [C] vectors that define one transformation of an event of rank
+        # `forward_min_event_ndims` (like `tfb.ScaleMatvecDiag.scale_diag`): batch
+        # shape []. Unconstrained reals (`log_scale` is a log), so the default
+        # (identity) constraining bijector. `shape_fn` cannot see an instance's
+        # `axis`: it gives C for the default channels-last event.
+        def properties():
+            return parameter_properties.ParameterProperties(
+                event_ndims=1, shape_fn=lambda event_shape: event_shape[-1:])
+
+        return {"bias": properties(), "log_scale": properties()}
+
+    def __getitem__(self, slices):
+        # Batch shape [] and one set of variables: TFP's slicing would copy this
+        # bijector for any slice (its parameters hold no batch dimension to slice),
+        # silently ignoring `[0]` or `[tf.newaxis]`. Only the identity slice exists.
+        parts = slices if isinstance(slices, tuple) else (slices,)
+        if any(part is not Ellipsis for part in parts):
+            raise ValueError(
+                f"{self.name}: an ActNormBijector has batch shape [] (one set of variables), "
+                f"so `bijector[...]` is its only slice; got {slices!r}")
+        return super().__getitem__(slices)
+
+    def _check_input(self, x):
+        _checks.check_input(_checks.static_shape(x), self._axis, self._channels, self.name,
+                            min_rank=-self._axis)
+
+    def forward(self, x, name="forward", **kwargs):
+        self._check_input(x)
+        return super().forward(x, name, **kwargs)
+
+    def inverse(self, y, name="inverse", **kwargs):
+        self._check_input(y)
+        return super().inverse(y, name, **kwargs)
+
     def forward_log_det_jacobian(self, x, event_ndims=None, name="forward_log_det_jacobian",
                                  **kwargs):
         return self._sum_over_event(super().forward_log_det_jacobian, x, event_ndims, name, **kwargs)
@@ -140,6 +196,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
     def _sum_over_event(self, log_det_fn, t, event_ndims, name, **kwargs):
         """``log_det_fn`` at ``event_ndims``, as the minimal-event value times the size of
         the extra event dimensions when that size is known (see ``_extra_event_size``)."""
+        self._check_input(t)
         size = self._extra_event_size(t, event_ndims)
         if size is None:
             return log_det_fn(t, event_ndims, name, **kwargs)
@@ -170,11 +227,11 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
     def _forward(self, x):
         return self._init_then(
-            x, False, lambda: _math.forward(x, self._bias, self._log_scale, self._axis))
+            x, False, lambda: _math.forward(x, self.bias, self.log_scale, self._axis))
 
     def _inverse(self, y):
         return self._init_then(
-            y, True, lambda: _math.inverse(y, self._bias, self._log_scale, self._axis))
+            y, True, lambda: _math.inverse(y, self.bias, self.log_scale, self._axis))
 
     def _forward_log_det_jacobian(self, x):
         return self._init_then(x, False, lambda: self._event_log_det(x))
@@ -187,14 +244,14 @@ class ActNormBijector(tfp.bijectors.Bijector):
         # size of any further event dimensions.
         event_shape = tf.shape(x)[tf.rank(x) + self._axis:]
         positions = tf.reduce_prod(event_shape) // event_shape[0]
-        return _math.log_det(tf.convert_to_tensor(self._log_scale), positions)
+        return _math.log_det(tf.convert_to_tensor(self.log_scale), positions)
 
     def _parameter_control_dependencies(self, is_init):
-        if not self.validate_args or is_init:
+        if not self.validate_args or is_init or _checks.in_xla_context():
             return []
         return [
-            tf.debugging.assert_all_finite(self._log_scale, f"{self.name}: log_scale is not finite"),
-            tf.debugging.assert_all_finite(self._bias, f"{self.name}: bias is not finite"),
+            tf.debugging.assert_all_finite(self.log_scale, f"{self.name}: log_scale is not finite"),
+            tf.debugging.assert_all_finite(self.bias, f"{self.name}: bias is not finite"),
         ]
 
 

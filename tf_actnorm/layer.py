@@ -1,10 +1,10 @@
-"""The ActNorm Keras layer."""
+"""The ActNorm Keras layer (TensorFlow, JAX and PyTorch backends)."""
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from tf_actnorm import _math
-from tf_actnorm import _state
+from tf_actnorm import _backend
+from tf_actnorm import _checks
 
 
 @keras.saving.register_keras_serializable(package="tf_actnorm")
@@ -18,16 +18,32 @@ class ActNorm(keras.layers.Layer):
     (over every axis but ``axis``), so its output has zero mean and unit variance
     per channel. As for ``BatchNormalization``, a call with ``training`` unset
     outside a training context is inference, and a frozen layer
-    (``trainable = False``) never initialises: its state never changes. After that, ``b`` and ``log_scale`` are
-    ordinary trainable weights; the output of one example never depends on the rest
-    of the batch, and training and inference compute the same function.
+    (``trainable = False``) never initialises: its state never changes. After that,
+    ``b`` and ``log_scale`` train like ordinary weights (see "Weights" below); the
+    output of one example never depends on the rest of the batch, and training and
+    inference compute the same function.
 
     Initialisation happens once: a saved, non-trainable ``initialized`` weight
     guards it, so restored models never re-initialise. Under a
-    ``tf.distribute`` strategy the statistics are those of the global batch.
+    ``tf.distribute`` strategy or ``keras.distribution.DataParallel`` (JAX) the
+    statistics are those of the global batch.
     The transform is invertible (``inverse``) with an O(C) log-determinant
     (``forward_log_det_jacobian``); ``bijector`` views the layer as a TFP bijector
-    sharing its variables.
+    sharing its variables (TensorFlow backend).
+
+    Weights: ``bias`` and ``log_scale`` (read-only properties, shape ``[C]``) are
+    the parameters in use, each the sum of a non-trainable, data-dependent part
+    (``initial_bias``, ``initial_log_scale``: what initialisation writes) and a
+    trainable residual that starts at zero (``bias_residual``,
+    ``log_scale_residual``: what the optimizer moves). On JAX, ``fit`` is a pure
+    function that returns new values only for non-trainable variables, so this is
+    the layout that lets the first training batch initialise there; all backends
+    use it, so weights and ``.keras`` files are the same everywhere. Gradients,
+    and so plain SGD/Adam updates, are those of training ``bias``/``log_scale``
+    directly; weight decay pulls the residuals towards zero, i.e. the parameters
+    towards their data-dependent values. ``.keras``/``.weights.h5`` files of the
+    earlier three-weight layout (``bias``, ``log_scale``, ``initialized``) load
+    into this one.
 
     Args:
         axis: Integer, the channel axis (``-1`` for channels-last, ``1`` for
@@ -89,46 +105,63 @@ class ActNorm(keras.layers.Layer):
                 f"{self.name}: the channel axis {self.axis} of input shape {tuple(input_shape)} "
                 "must be known")
         self.input_spec = keras.layers.InputSpec(ndim=rank, axes={self.axis: channels})
-        self.bias = self.add_weight(
-            shape=(channels,), name="bias", initializer="zeros",
+        # Trainable residuals first: Keras saves trainable, then non-trainable weights.
+        # Under tf.distribute, "mean" for values every replica computes identically
+        # and "only_first_replica" for the flag (see README, distributed training).
+        self.bias_residual = self.add_weight(
+            shape=(channels,), name="bias_residual", initializer="zeros",
             autocast=False, aggregation="mean")
-        self.log_scale = self.add_weight(
-            shape=(channels,), name="log_scale", initializer="zeros",
+        self.log_scale_residual = self.add_weight(
+            shape=(channels,), name="log_scale_residual", initializer="zeros",
             autocast=False, aggregation="mean")
+        self.initial_bias = self.add_weight(
+            shape=(channels,), name="initial_bias", initializer="zeros",
+            trainable=False, autocast=False, aggregation="mean")
+        self.initial_log_scale = self.add_weight(
+            shape=(channels,), name="initial_log_scale", initializer="zeros",
+            trainable=False, autocast=False, aggregation="mean")
         self.initialized = self.add_weight(
             shape=(), name="initialized", initializer="zeros", dtype="bool",
             trainable=False, autocast=False, aggregation="only_first_replica")
 
     @property
+    def bias(self):
+        """The bias in use, ``initial_bias + bias_residual`` (a tensor, shape [C])."""
+        return self.initial_bias.value + self.bias_residual.value
+
+    @property
+    def log_scale(self):
+        """The log-scale in use, ``initial_log_scale + log_scale_residual`` (shape [C])."""
+        return self.initial_log_scale.value + self.log_scale_residual.value
+
+    @property
     def _state(self):
-        # Made from the variables on each use, never captured in `build`: a layer built
-        # while Keras traces a parent layer that has no `build` (a stateless scope) gets
-        # its variables initialised only after that trace; until then `.value` is a
-        # placeholder tensor of the scratch graph.
-        return _state.ActNormState(
-            self.bias.value, self.log_scale.value, self.initialized.value,
-            self.axis, self.epsilon, self.name)
+        # TensorFlow backend only (`tf_actnorm.initialize`, `bijector`, export checks).
+        # Made from the variables on each use, never captured in `build`.
+        return _backend.implementation().state(self)
 
     def __call__(self, inputs, *args, **kwargs):
         dtype = getattr(inputs, "dtype", None)
-        if dtype is not None and not tf.as_dtype(keras.backend.standardize_dtype(dtype)).is_floating:
+        if dtype is not None and "float" not in keras.backend.standardize_dtype(dtype):
             raise TypeError(
                 f"{self.name}: expected floating-point inputs, got dtype {dtype}")
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
+        impl = _backend.implementation()
         if self._collect_moments is not None:
             self._collect_moments(inputs, mask)
         elif self.trainable and training is not None and training is not False:
             # Keras' rule (BatchNormalization's): only training mode changes state, and
             # a frozen layer never does. `training` may be a bool tensor.
-            self._state.maybe_initialize(inputs, mask, enabled=training)
-        return _math.forward(inputs, self.bias, self.log_scale, self.axis)
+            impl.maybe_initialize(self, inputs, mask, training)
+        return impl.forward(inputs, self.bias, self.log_scale, self.axis)
 
     def inverse(self, outputs):
         """``x = outputs / s - b``: the exact inverse of the layer (never initialises)."""
-        outputs = tf.convert_to_tensor(outputs, self.compute_dtype)
-        return _math.inverse(outputs, self.bias, self.log_scale, self.axis)
+        self._check_input(outputs)
+        outputs = ops.convert_to_tensor(outputs, self.compute_dtype)
+        return _backend.implementation().inverse(outputs, self.bias, self.log_scale, self.axis)
 
     def forward_log_det_jacobian(self, inputs, mask=None):
         """``log|det dy/dx|`` per example, shape ``[batch]``.
@@ -136,21 +169,37 @@ class ActNorm(keras.layers.Layer):
         Equals (number of positions that share a channel) * sum(log_scale); with a
         mask, only that example's unmasked positions are counted. O(C): ``inputs``
         only provides its shape. It reads the current ``log_scale`` and never
-        initialises: call the layer on the batch first (as a flow does) so that an
-        uninitialised layer initialises before its log-det is taken.
+        initialises: call the layer on the batch first in training mode (as a flow's
+        training step does) so that an uninitialised layer initialises before its
+        log-det is taken.
         """
-        inputs = tf.convert_to_tensor(inputs)
-        if mask is None:
-            positions = _math.positions_per_example(inputs, self.axis)
-            positions = tf.fill(tf.shape(inputs)[:1], positions)
-        else:
-            mask = tf.cast(mask, tf.int64)
-            positions = tf.reduce_sum(mask, axis=list(range(1, mask.shape.rank)))
-        return _math.log_det(self.log_scale, positions)
+        self._check_input(inputs)
+        return _backend.implementation().log_det(self.log_scale, inputs, mask, self.axis)
+
+    def _check_input(self, x):
+        # `__call__` checks its input against `input_spec`; these methods bypass it.
+        if not self.built:
+            raise ValueError(
+                f"{self.name}: build the layer (call it once, or `layer.build(shape)`) "
+                "before `inverse` or `forward_log_det_jacobian`")
+        _checks.check_input(_checks.static_shape(x), self.axis, int(self.initial_bias.shape[0]),
+                            self.name, rank=self.input_spec.ndim)
 
     def reset_initialization(self):
         """Re-arm data-dependent initialisation: the next training call initialises again."""
-        self._state.reset()
+        self.initialized.assign(False)
+
+    def load_own_variables(self, store):
+        # Files written before the residual layout hold three weights: bias,
+        # log_scale, initialized. They become the data-dependent part, exactly.
+        if self.built and len(store.keys()) == 3:
+            self.initial_bias.assign(store["0"])
+            self.initial_log_scale.assign(store["1"])
+            self.initialized.assign(store["2"])
+            for residual in (self.bias_residual, self.log_scale_residual):
+                residual.assign(ops.zeros(residual.shape, residual.dtype))
+            return
+        super().load_own_variables(store)
 
     def _trackable_children(self, save_type="checkpoint", **kwargs):
         # Writing a SavedModel (`model.export`, `tf.saved_model.save`) of a layer that
@@ -161,7 +210,13 @@ class ActNorm(keras.layers.Layer):
 
     @property
     def bijector(self):
-        """A TFP :class:`tf_actnorm.ActNormBijector` sharing this layer's variables."""
+        """A TFP :class:`tf_actnorm.ActNormBijector` sharing this layer's variables
+        (TensorFlow backend only)."""
+        if keras.backend.backend() != "tensorflow":
+            raise NotImplementedError(
+                f"{self.name}: `bijector` is a TensorFlow Probability bijector and needs "
+                f"the TensorFlow Keras backend (KERAS_BACKEND=tensorflow); the backend is "
+                f"{keras.backend.backend()!r}")
         from tf_actnorm.bijector import ActNormBijector  # noqa: PLC0415 (avoids a cycle)
 
         return ActNormBijector.from_layer(self)

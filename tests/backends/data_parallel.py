@@ -1,0 +1,56 @@
+"""``keras.distribution.DataParallel`` scenario for test_backend_layer.py, in a fresh
+process (``XLA_FLAGS=--xla_force_host_platform_device_count=2`` must be set before
+JAX starts). Prints one line ``RESULT <json>``.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
+        python tests/backends/data_parallel.py
+"""
+
+import json
+import sys
+
+import jax
+import keras
+import numpy as np
+
+import tf_actnorm
+
+
+def batches():
+    """One global batch whose halves (one per device) have very different statistics,
+    so an init from one shard, or an average of per-shard statistics, cannot pass."""
+    rng = np.random.default_rng(0)
+    first = rng.normal([5.0, -1.0, 0.5], [1.0, 0.5, 2.0], (4, 2, 3))
+    second = rng.normal([-5.0, 3.0, 0.0], [3.0, 0.5, 0.1], (4, 2, 3))
+    x = np.concatenate([first, second]).astype("float32")
+    later = rng.normal(50.0, 10.0, (8, 2, 3)).astype("float32")  # must not re-initialise
+    return np.concatenate([x, later])
+
+
+def run(distributed):
+    devices = keras.distribution.list_devices("cpu")
+    if distributed:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2, 3)), tf_actnorm.ActNorm(name="an"),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=True)
+    x = batches()
+    model.fit(x, np.zeros((len(x), 1), "float32"), batch_size=8, epochs=1, shuffle=False, verbose=0)
+    layer = model.get_layer("an")
+    keras.distribution.set_distribution(None)
+    return {
+        "devices": len(devices),
+        "sharding_devices": len(layer.initial_bias.value.sharding.device_set),
+        "bias": np.asarray(layer.bias).tolist(),
+        "log_scale": np.asarray(layer.log_scale).tolist(),
+        "initialized": bool(np.asarray(layer.initialized)),
+        "x": x[:8].tolist(),
+    }
+
+
+if __name__ == "__main__":
+    assert keras.backend.backend() == "jax", keras.backend.backend()
+    mode = sys.argv[1] if len(sys.argv) > 1 else "distributed"
+    print("RESULT " + json.dumps(run(mode == "distributed")))
+    print("jax", jax.__version__, file=sys.stderr)

@@ -1,0 +1,63 @@
+"""ActNorm's formulas, written once against an array namespace ``xp``.
+
+``xp`` is either ``keras.ops`` (the JAX and PyTorch backends, see ``_ops``) or
+:data:`tf_actnorm._math.TF` (TensorFlow ops, for the TensorFlow backend and the TFP
+bijector). Both provide ``sqrt``, ``maximum``, ``log``, ``exp``, ``sum``, ``cast``,
+``all``, ``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports
+no backend: it is what the TensorFlow path and the ``keras.ops`` path share.
+
+The transform is ``y = s * (x + b)`` with ``s = exp(log_scale)``, computed as one
+multiply-add on the big tensor, ``y = x * s + b * s``; its inverse is
+``x = y * exp(-log_scale) - b``.
+"""
+
+
+def forward_coefficients(xp, bias, log_scale):
+    """``(scale, shift)`` with ``forward(x) = x * scale + shift``: ``(s, b * s)``."""
+    scale = xp.exp(log_scale)
+    return scale, bias * scale
+
+
+def inverse_coefficients(xp, bias, log_scale):
+    """``(scale, shift)`` with ``inverse(y) = y * scale + shift``: ``(1 / s, -b)``."""
+    return xp.exp(-log_scale), -bias
+
+
+def log_det(xp, log_scale, positions):
+    """``positions * sum(log_scale)``: O(C), whatever the size of the input.
+
+    ``positions`` is the number of elements that share one channel (a scalar, or
+    one count per example when a mask is used).
+    """
+    total = xp.sum(log_scale)
+    return xp.cast(positions, total.dtype) * total
+
+
+def mean(xp, count, total):
+    """Per-channel mean from the count and the sum (0 where the count is 0)."""
+    return total / xp.maximum(count, 1.0)
+
+
+def variance(xp, count, m2):
+    """Population variance (divide by the count), as ``tf.nn.moments`` gives."""
+    return m2 / xp.maximum(count, 1.0)
+
+
+def is_valid(xp, count, mean_, m2):
+    """True when moments can initialise: data in every channel, every statistic finite."""
+    return xp.logical_and(
+        xp.all(count > 0),
+        xp.logical_and(xp.all(xp.isfinite(mean_)), xp.all(xp.isfinite(m2))))
+
+
+def init_from_inputs(xp, mean_, variance_, epsilon):
+    """Parameters that standardise data with these moments: ``b = -mean``, ``s = 1/(std+eps)``."""
+    std = xp.sqrt(xp.maximum(variance_, 0.0))
+    return -mean_, -xp.log(std + epsilon)
+
+
+def init_from_outputs(xp, mean_, variance_, epsilon):
+    """Parameters whose *inverse* standardises data with these moments:
+    ``x = y/s - b = (y - mean)/(std+eps)``, so ``s = std+eps`` and ``b = mean/s``."""
+    scale = xp.sqrt(xp.maximum(variance_, 0.0)) + epsilon
+    return mean_ / scale, xp.log(scale)

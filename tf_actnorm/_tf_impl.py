@@ -1,0 +1,36 @@
+"""ActNorm on the TensorFlow backend: the layer's side of ``_math``, ``_stats`` and
+``_state`` (see ``_backend`` for why this path is separate)."""
+
+import tensorflow as tf
+
+from tf_actnorm import _math
+from tf_actnorm import _state
+
+forward = _math.forward
+inverse = _math.inverse
+
+
+def state(layer):
+    """An :class:`~tf_actnorm._state.ActNormState` over the layer's variables."""
+    # The raw tf.Variables (distributed ones under a strategy), read on each use: a
+    # layer built while Keras traces a parent layer that has no `build` (a stateless
+    # scope) gets its variables only after that trace.
+    return _state.ActNormState(
+        layer.initial_bias.value, layer.initial_log_scale.value, layer.initialized.value,
+        layer.axis, layer.epsilon, layer.name,
+        residuals=(layer.bias_residual.value, layer.log_scale_residual.value))
+
+
+def maybe_initialize(layer, inputs, mask, training):
+    layer._state.maybe_initialize(inputs, mask, enabled=training)
+
+
+def log_det(log_scale, inputs, mask, axis):
+    inputs = tf.convert_to_tensor(inputs)
+    if mask is None:
+        positions = _math.positions_per_example(inputs, axis)
+        positions = tf.fill(tf.shape(inputs)[:1], positions)
+    else:
+        mask = tf.cast(mask, tf.int64)
+        positions = tf.reduce_sum(mask, axis=list(range(1, mask.shape.rank)))
+    return _math.log_det(log_scale, positions)
