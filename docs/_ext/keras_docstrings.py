@@ -5,12 +5,16 @@ which the Google-style parser does not know: it would show it as an admonition w
 items run together. This extension parses its items like ``Args:`` and shows them as a
 parameter table titled "Call arguments". It also turns Sphinx roles such as
 ``:class:`tf_actnorm.ActNormBijector``` into cross-references to the API pages, and leaves
-private arguments (``_state``) out of the signatures.
+private arguments (``_state``) out of the signatures. Names that ``tf_actnorm/__init__.py``
+imports lazily (its module ``__getattr__`` and ``_TENSORFLOW_ONLY`` table, so that the layer
+runs without TensorFlow) are invisible to static analysis; the extension adds them to the
+package as aliases of their defining objects, as a plain re-export would be.
 
 Loaded by mkdocs.yml (``extensions:`` of the mkdocstrings Python handler); it only affects
 the built site, never the package.
 """
 
+import ast
 import re
 
 import griffe
@@ -20,6 +24,15 @@ _SECTIONS = {"call arguments": "Call arguments:"}
 
 
 class KerasDocstrings(griffe.Extension):
+    def on_package(self, *, pkg, **kwargs):
+        # `_TENSORFLOW_ONLY = {"Name": ("module", "what to install"), ...}` in __init__.py.
+        table = pkg.members.get("_TENSORFLOW_ONLY")
+        if table is None or getattr(table, "value", None) is None:
+            return
+        for name, (module, _) in ast.literal_eval(str(table.value)).items():
+            if name not in pkg.members:
+                pkg.set_member(name, griffe.Alias(name, f"{module}.{name}", parent=pkg))
+
     def on_object(self, *, obj, loader, **kwargs):
         init = obj.members.get("__init__") if obj.is_class else None
         for function in filter(None, [init, obj if obj.is_function else None]):
