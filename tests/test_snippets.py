@@ -1,0 +1,88 @@
+"""Every ```python fence in README.md and docs/**/*.md runs.
+
+Per page, the page's ```python fences are joined in order and run top to bottom in one
+fresh interpreter (cwd a temporary directory), so a snippet may use what an earlier one on
+the same page defined, as a reader going down the page would. Fences that are not meant to
+run carry another tag (``text``, ``console``, ``bash``); an untagged fence is an error, so a
+snippet cannot drop out of the test by accident.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
+FENCE = re.compile(r"^(`{3,})([^\n`]*)\n(.*?)^\1[ \t]*$", re.M | re.S)
+NOT_RUN = {"text", "console", "bash", "yaml", "none"}
+
+
+def fences(page):
+    """(tag, code) of every top-level fenced block of ``page``, in order."""
+    return [(m.group(2).strip(), m.group(3)) for m in FENCE.finditer(page.read_text())]
+
+
+def python_source(page):
+    return "\n".join(code for tag, code in fences(page) if tag == "python")
+
+
+def _page_id(page):
+    return str(page.relative_to(ROOT))
+
+
+def test_fence_parser_sees_every_fence():
+    # Three backticks at a line start that the parser did not consume would mean a fence it
+    # missed (e.g. an indented one): its code would silently not run.
+    for page in PAGES:
+        text = page.read_text()
+        opened = len(re.findall(r"^[ \t]*```", text, re.M))
+        assert opened == 2 * len(fences(page)), f"{_page_id(page)}: unparsed or indented fence"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_fences_are_tagged(page):
+    tags = {tag for tag, _ in fences(page)}
+    unknown = tags - NOT_RUN - {"python"}
+    assert not unknown, f"{_page_id(page)}: fence tags {unknown}: use python, or one of {NOT_RUN}"
+
+
+def _run_page(page, directory):
+    directory.mkdir()
+    script = directory / "snippets.py"
+    script.write_text(python_source(page))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, str(script)], cwd=directory, env=env,
+        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def page_runs(request, tmp_path_factory):
+    """Each selected page's run, two pages at a time: a fresh interpreter spends most of
+    its few seconds importing TensorFlow on one core, so two overlap well on two cores."""
+    pages = {item.callspec.params["page"] for item in request.session.items
+             if getattr(item, "originalname", None) == "test_page_snippets_run"}
+    root = tmp_path_factory.mktemp("snippets")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {page: pool.submit(_run_page, page, root / f"page{i}")
+                   for i, page in enumerate(sorted(pages))}
+    return {page: future.result() for page, future in futures.items()}
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if python_source(p)], ids=_page_id)
+def test_page_snippets_run(page, page_runs):
+    result = page_runs[page]
+    assert result.returncode == 0, (
+        f"{_page_id(page)}: snippets failed\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+
+
+def test_readme_and_guides_have_snippets():
+    # The pages that teach the API by example must keep runnable examples.
+    for name in ["README.md", "docs/getting-started.md", "docs/flows.md", "docs/keras.md"]:
+        assert "```python" in (ROOT / name).read_text(), name
