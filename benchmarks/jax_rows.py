@@ -24,8 +24,6 @@ sample ends with ``block_until_ready``.
 import argparse
 import os
 import platform
-import statistics
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -34,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import pairing  # noqa: E402 (beside this script)
 import tf_actnorm  # noqa: E402
 
 ROWS = [
@@ -51,31 +50,8 @@ def _ready(out):
     jax.tree_util.tree_map(lambda a: a.block_until_ready(), out)
 
 
-def _sample(fn, calls):
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = fn()
-    _ready(out)
-    return (time.perf_counter() - start) / calls
-
-
 def compare_times(candidate, baseline, repeats, target_s):
-    for _ in range(3):
-        _ready(candidate())
-        _ready(baseline())
-    calls = max(1, min(200, int(target_s / max(_sample(candidate, 1), 1e-6))))
-    cand, base, ratios = [], [], []
-    for i in range(repeats):
-        if i % 2:
-            b = _sample(baseline, calls)
-            c = _sample(candidate, calls)
-        else:
-            c = _sample(candidate, calls)
-            b = _sample(baseline, calls)
-        cand.append(c)
-        base.append(b)
-        ratios.append(c / b)
-    return statistics.median(cand), statistics.median(base), statistics.median(ratios)
+    return pairing.compare_times(candidate, baseline, repeats, target_s, sync=_ready)
 
 
 def row(row_id, candidate, baseline, ratio, target, note):

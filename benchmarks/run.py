@@ -85,6 +85,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_probability as tfp  # noqa: E402
 from tensorflow_probability.python.bijectors import glow  # noqa: E402
 
+import pairing  # noqa: E402 (beside this script)
 import tf_actnorm  # noqa: E402
 
 MODES = (("xla", True), ("graph", False))
@@ -131,42 +132,12 @@ def _sync():
         tf.test.experimental.sync_devices()
 
 
-def _calls_per_sample(fn, target_s):
-    start = time.perf_counter()
-    fn()
-    _sync()
-    once = max(time.perf_counter() - start, 1e-6)
-    return max(1, min(200, int(target_s / once)))
-
-
-def _sample(fn, calls):
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync()
-    return (time.perf_counter() - start) / calls
-
-
 def compare_times(candidate, baseline, repeats, warmup=3, target_s=None):
-    """(median candidate s, median baseline s, median of per-round ratios)."""
+    """(median candidate s, median baseline s, median of per-round ratios); see
+    ``pairing.compare_times``."""
     target_s = _SAMPLE_S if target_s is None else target_s
-    for _ in range(warmup):
-        candidate()
-        baseline()
-    _sync()
-    calls = min(_calls_per_sample(candidate, target_s), _calls_per_sample(baseline, target_s))
-    cand, base, ratios = [], [], []
-    for i in range(repeats):
-        if i % 2:
-            b = _sample(baseline, calls)
-            c = _sample(candidate, calls)
-        else:
-            c = _sample(candidate, calls)
-            b = _sample(baseline, calls)
-        cand.append(c)
-        base.append(b)
-        ratios.append(c / b)
-    return statistics.median(cand), statistics.median(base), statistics.median(ratios)
+    return pairing.compare_times(candidate, baseline, repeats, target_s,
+                                 sync=lambda out: _sync(), warmup=warmup)
 
 
 # ----------------------------------------------------------------------------- report

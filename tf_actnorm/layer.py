@@ -67,13 +67,18 @@ class ActNorm(keras.layers.Layer):
     Example:
 
     ```python
+    images = np.random.uniform(0, 255, (64, 32, 32, 3)).astype("float32")
+    labels = np.random.randint(0, 10, 64)
     model = keras.Sequential([
         keras.Input((32, 32, 3)),
-        keras.layers.Conv2D(64, 3),
+        keras.layers.Conv2D(16, 3),
         tf_actnorm.ActNorm(),
         keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(10),
     ])
-    model.fit(images, labels)  # the first training batch initialises ActNorm
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(images, labels, epochs=1)  # the first training batch initialises ActNorm
     ```
     """
 
