@@ -24,8 +24,10 @@ sample ends with ``block_until_ready``.
 import argparse
 import os
 import platform
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `pairing` lies beside this file
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -75,8 +75,10 @@ import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Measure this checkout's tf_actnorm, not whichever copy is installed.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Measure this checkout's tf_actnorm, not whichever copy is installed; `pairing` lies
+# beside this file (also when it is loaded as a module, as tests/test_benchmarks.py does).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
