@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tf_actnorm
 from tests.util import assert_unchanged, assign_parameters, numpy_init, snapshot
+from tests.util import channel_data as _data
 
 # (shape, axis): every rank 2..5, channels-last and channels-first.
 SHAPES = [
@@ -16,16 +17,6 @@ SHAPES = [
     ((3, 2, 4, 5, 3), -1), ((3, 3, 2, 4, 5), 1),
 ]
 IDS = [f"rank{len(s)}-axis{a}" for s, a in SHAPES]
-
-
-def _data(rng, shape, axis, loc=3.0, scale=2.0):
-    channels = shape[axis]
-    cshape = [1] * len(shape)
-    cshape[axis] = channels
-    # Different statistics per channel, so a wrong axis cannot pass.
-    locs = (loc + np.arange(channels)).reshape(cshape)
-    scales = (scale * (1 + np.arange(channels))).reshape(cshape)
-    return (rng.normal(size=shape) * scales + locs).astype("float32")
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)

@@ -36,3 +36,14 @@ def assign_parameters(layer, bias=None, log_scale=None):
                                      (log_scale, layer.initial_log_scale, layer.log_scale_residual)):
         if value is not None:
             residual.assign(np.asarray(value, "float32") - np.asarray(initial.numpy()))
+
+
+def channel_data(rng, shape, axis=-1, loc=3.0, scale=2.0):
+    """Normal data whose channels (along ``axis``) have different means and stds, so a
+    wrong axis cannot pass."""
+    channels = shape[axis]
+    cshape = [1] * len(shape)
+    cshape[axis] = channels
+    locs = (loc + np.arange(channels)).reshape(cshape)
+    scales = (scale * (1 + np.arange(channels))).reshape(cshape)
+    return (rng.normal(size=shape) * scales + locs).astype("float32")

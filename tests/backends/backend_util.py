@@ -4,21 +4,13 @@ import keras
 import numpy as np
 from keras import ops
 
+from tests.util import channel_data as data  # noqa: F401 (re-exported for the tests)
+
 BACKEND = keras.backend.backend()
 
 
 def npy(t):
     return np.asarray(ops.convert_to_numpy(t))
-
-
-def data(rng, shape, axis=-1, loc=3.0, scale=2.0):
-    """Different statistics per channel, so a wrong axis cannot pass."""
-    channels = shape[axis]
-    cshape = [1] * len(shape)
-    cshape[axis] = channels
-    locs = (loc + np.arange(channels)).reshape(cshape)
-    scales = (scale * (1 + np.arange(channels))).reshape(cshape)
-    return (rng.normal(size=shape) * scales + locs).astype("float32")
 
 
 def weights(layer):

@@ -16,7 +16,7 @@ from keras import ops
 
 import tf_actnorm
 from backend_util import BACKEND, data, grad, jacobian, npy, weights
-from tests.util import numpy_init
+from tests.util import assign_parameters, numpy_init
 
 DATA = os.path.join(os.path.dirname(__file__), os.pardir, "data")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -24,12 +24,6 @@ JIT = {"jit_compile": True} if BACKEND == "jax" else {}  # fit runs under jax.ji
 
 SHAPES = [((16, 3), -1), ((6, 3, 5), 1), ((4, 5, 6, 3), -1), ((3, 3, 2, 4, 5), 1)]
 IDS = [f"rank{len(s)}-axis{a}" for s, a in SHAPES]
-
-
-def _set_parameters(layer, bias, log_scale):
-    """Set ``layer.bias`` / ``layer.log_scale`` through the residuals (as training does)."""
-    layer.bias_residual.assign(np.float32(bias) - npy(layer.initial_bias))
-    layer.log_scale_residual.assign(np.float32(log_scale) - npy(layer.initial_log_scale))
 
 
 def _model(shape, lr=0.0, name="an", **layer_kwargs):
@@ -108,7 +102,8 @@ def test_forward_inverse_and_log_det_jacobian(rng, shape, axis):
     layer = tf_actnorm.ActNorm(axis=axis)
     layer(data(rng, shape, axis), training=True)
     channels = shape[axis]
-    _set_parameters(layer, rng.normal(size=channels), rng.normal(scale=0.5, size=channels))
+    assign_parameters(layer, bias=rng.normal(size=channels),
+                      log_scale=rng.normal(scale=0.5, size=channels))
     x = rng.normal(size=shape).astype("float32")
     cshape = [1] * len(shape)
     cshape[axis] = channels
