@@ -70,10 +70,10 @@ def channel_sum(x, axis):
     an AMD EPYC (family 25, model 17), ActNorm's forward and backward pass on
     [32, 32, 32, 64] with ``tf.reduce_sum`` took 1.7-2.1x the time it takes with
     these GEMVs under XLA (one [1, N] x [N, C] GEMV instead of the batch of 16: 1.4x),
-    and within about 10% of it without XLA. Multiplying by one rounds nothing: only the order of summation differs
-    from ``tf.reduce_sum``. On GPUs/TPUs, where matmuls may round their inputs
-    (TensorFloat-32, bfloat16 passes) and reductions are fast, and for dtypes other
-    than float32/float64, ``tf.reduce_sum``.
+    and within about 10% of it without XLA. Multiplying by one rounds nothing: only the
+    order of summation differs from ``tf.reduce_sum``. On GPUs/TPUs, where matmuls may
+    round their inputs (TensorFloat-32, bfloat16 passes) and reductions are fast, and
+    for dtypes other than float32/float64, ``tf.reduce_sum``.
     """
     rank = x.shape.rank
     axis = axis % rank
@@ -122,7 +122,7 @@ def moments(x, axis, mask=None, gate=None):
                 channel_sum(weights * x, axis))
 
     count, total = _sum_over_replicas(list(gated(first_pass)))
-    mean = total / tf.maximum(count, 1.0)
+    mean = _formulas.mean(tf.math, count, total)
 
     def second_pass():
         deviations = tf.math.squared_difference(
