@@ -11,6 +11,19 @@ import tensorflow as tf
 
 import tf_actnorm
 from tests.util import numpy_init, snapshot
+from tf_actnorm import init
+
+
+@pytest.fixture(params=["one-pass", "streamed", "merged"])
+def budget(request, monkeypatch):
+    """How ``initialize`` reads the data: all of it in one batch and one eager pass
+    (the default for data this small), one pass per layer with each batch on its own,
+    or one pass per layer with runs of two batches concatenated."""
+    if request.param == "streamed":
+        monkeypatch.setattr(init, "_MERGE_BYTES", 1)
+    elif request.param == "merged":
+        monkeypatch.setattr(init, "_MERGE_BYTES", 2 * 32 * 6 * 4)  # two batches of 32
+    return request.param
 
 
 def _three_layer_model():
@@ -42,7 +55,7 @@ def _assert_models_equal(model, reference, rtol=1e-5):
 
 
 @pytest.mark.parametrize("source", ["dataset", "numpy", "generator", "dataset-xy"])
-def test_multi_batch_init_equals_one_batch_on_the_concatenation(rng, source):
+def test_multi_batch_init_equals_one_batch_on_the_concatenation(rng, source, budget):
     data = _data(rng)
     model = _three_layer_model()
     batches = {
@@ -95,7 +108,7 @@ def test_reset_initialization_re_arms(rng):
     assert model.get_layer("an2").initialized.numpy()
 
 
-def test_nested_models_in_data_flow_order(rng):
+def test_nested_models_in_data_flow_order(rng, budget):
     data = _data(rng)
     inner = keras.Sequential([
         keras.Input((5,)), tf_actnorm.ActNorm(name="inner_an"), keras.layers.Dense(3)], name="inner")
@@ -151,7 +164,7 @@ class _Subclassed(keras.Model):
         self.an1 = tf_actnorm.ActNorm(name="an1")
         self.dense2 = keras.layers.Dense(4, kernel_initializer=keras.initializers.GlorotUniform(2))
         self.an2 = tf_actnorm.ActNorm(name="an2")
-        self.tail = _CallCounter()
+        self.tail = _CallCounter(name="tail")
 
     def call(self, x, training=None):
         h = self.an1(self.dense1(self.an0(x, training=training)), training=training)
@@ -165,7 +178,7 @@ def _model(kind):
         model = _Subclassed()
         model(np.zeros((1, 6), "float32"))
         return model
-    layers = _three_layer_model().layers + [_CallCounter()]
+    layers = _three_layer_model().layers + [_CallCounter(name="tail")]
     if kind == "sequential":
         return keras.Sequential([keras.Input((6,)), *layers])
     inputs = keras.Input((6,))
@@ -183,16 +196,7 @@ def _actnorms(model):
     return {layer.name: layer for layer in model._flatten_layers() if isinstance(layer, tf_actnorm.ActNorm)}
 
 
-@pytest.mark.parametrize("kind", ["sequential", "functional", "nested", "subclassed"])
-def test_each_pass_runs_the_model_only_up_to_its_layer(rng, kind):
-    """Exact for every model kind, and the layers after the last ActNorm run once (the
-    call that finds the ActNorm layers in data-flow order), not once per layer and batch."""
-    data = _data(rng)
-    model = _model(kind)
-    _CallCounter.calls = 0
-    summary = tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
-    assert list(summary) == ["an0", "an1", "an2"]
-    assert _CallCounter.calls == 1
+def _assert_like_one_batch_init(model, data):
     reference = _one_batch_reference(data)
     layers = _actnorms(model)
     for name in ("an0", "an1", "an2"):
@@ -203,9 +207,77 @@ def test_each_pass_runs_the_model_only_up_to_its_layer(rng, kind):
     np.testing.assert_allclose(layers["an0"].log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sequential", "functional", "nested", "subclassed"])
+def test_each_pass_runs_the_model_only_up_to_its_layer(rng, kind, monkeypatch):
+    """Streamed (one pass per layer), exact for every model kind. In a Sequential or
+    functional model each pass stops at its layer, so the layers after the last
+    ActNorm run only in the call that finds the ActNorm layers in data-flow order.
+    A subclassed model whose passes cost less than a trace runs whole, in one trace
+    for all its passes (one more call), never once per layer or batch."""
+    monkeypatch.setattr(init, "_MERGE_BYTES", 1)
+    data = _data(rng)
+    model = _model(kind)
+    _CallCounter.calls = 0
+    summary = tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
+    assert list(summary) == ["an0", "an1", "an2"]
+    assert _CallCounter.calls == (2 if kind == "subclassed" else 1)
+    _assert_like_one_batch_init(model, data)
+
+
+def test_a_subclassed_model_stops_at_the_layer_when_passes_cost_more_than_a_trace(rng, monkeypatch):
+    """After the first pass, if a pass over the data took longer than tracing the
+    whole model, the remaining layers get their own functions that stop at them."""
+    monkeypatch.setattr(init, "_MERGE_BYTES", 1)
+    trace = init._WholeModelPasses.trace
+
+    def expensive_passes(self, *args):
+        traced = trace(self, *args)
+        self.trace_seconds = 0.0
+        return traced
+
+    prefix_passes = []
+    run = init._PrefixPass.run
+
+    def counted(self, *args):
+        prefix_passes.append(self.layer.name)
+        return run(self, *args)
+
+    monkeypatch.setattr(init._WholeModelPasses, "trace", expensive_passes)
+    monkeypatch.setattr(init._PrefixPass, "run", counted)
+    data = _data(rng)
+    model = _model("subclassed")
+    _CallCounter.calls = 0
+    tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
+    assert prefix_passes == ["an1", "an2"]
+    assert _CallCounter.calls == 2  # the call order, the whole-model trace
+    _assert_like_one_batch_init(model, data)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclassed"])
+def test_data_that_fits_one_batch_initialises_in_one_eager_pass(rng, kind, monkeypatch):
+    """Up to _MERGE_BYTES of inputs, the batches are concatenated and one eager
+    forward pass initialises every layer: no per-layer pass, no trace."""
+    def never(*args, **kwargs):
+        raise AssertionError("a per-layer pass ran")
+
+    monkeypatch.setattr(init._PrefixPass, "run", never)
+    monkeypatch.setattr(init._WholeModelPasses, "run", never)
+    data = _data(rng)  # 128 x 6 floats: 3 KiB
+    model = _model(kind)
+    _CallCounter.calls = 0
+    tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
+    assert _CallCounter.calls == 2  # the call order, the initialising pass
+    _assert_like_one_batch_init(model, data)
+    # One byte less of budget than the data: streamed passes instead.
+    monkeypatch.setattr(init, "_MERGE_BYTES", data.nbytes - 1)
+    with pytest.raises(AssertionError, match="per-layer pass"):
+        tf_actnorm.initialize(_model(kind), tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
+
+
 def test_statistics_are_traced_once_per_layer_not_per_batch(rng, monkeypatch):
     from tf_actnorm import _stats
 
+    monkeypatch.setattr(init, "_MERGE_BYTES", 1)
     calls = []
     moments = _stats.moments
 
@@ -240,7 +312,7 @@ def test_a_shared_layer_counts_every_call(rng):
     np.testing.assert_allclose(np.asarray(model(data)).std(0), 1.0, rtol=1e-4)
 
 
-def test_a_generator_is_read_once(rng):
+def test_a_generator_is_read_once(rng, budget):
     data = _data(rng)
     reads = []
 
@@ -255,7 +327,7 @@ def test_a_generator_is_read_once(rng):
     _assert_models_equal(model, _one_batch_reference(data))
 
 
-def test_frozen_layers_are_skipped_unless_forced(rng):
+def test_frozen_layers_are_skipped_unless_forced(rng, budget):
     data = _data(rng)
     inner = keras.Sequential([keras.Input((5,)), tf_actnorm.ActNorm(name="inner_an")], name="inner")
     inputs = keras.Input((6,))
@@ -388,7 +460,7 @@ class _InBranch(keras.layers.Layer):
         return input_shape
 
 
-def test_a_layer_inside_a_traced_branch_is_collected_eagerly(rng):
+def test_a_layer_inside_a_traced_branch_is_collected_eagerly(rng, budget):
     """A layer that the model calls inside its own control flow (a tf.cond branch, an
     RNN cell's loop) cannot hand its statistics out of the branch graph: that layer
     falls back to eager passes, with the same result."""
@@ -403,3 +475,58 @@ def test_a_layer_inside_a_traced_branch_is_collected_eagerly(rng):
     bias, log_scale = numpy_init(hidden)
     np.testing.assert_allclose(branch.actnorm.bias.numpy(), bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(branch.actnorm.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)
+
+
+class _MaskedSequences(keras.Model):
+    """Masked sequences (Embedding with mask_zero), layers of different widths, and a
+    channels-first layer: what the passes flatten and pad must stay exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = keras.layers.Embedding(
+            10, 4, mask_zero=True, embeddings_initializer=keras.initializers.RandomNormal(3.0, 2.0, seed=1))
+        self.an0 = tf_actnorm.ActNorm(name="an0")
+        self.dense = keras.layers.Dense(7, kernel_initializer=keras.initializers.GlorotUniform(3))
+        self.an1 = tf_actnorm.ActNorm(name="an1")
+        self.an2 = tf_actnorm.ActNorm(axis=1, name="an2")
+
+    def call(self, tokens, training=None):
+        h = self.an0(self.embed(tokens), training=training)
+        h = self.an1(self.dense(h), training=training)
+        return self.an2(tf.transpose(h, [0, 2, 1]), training=training)  # [batch, 7, time]
+
+
+def test_masks_widths_and_channels_first_stay_exact(rng, budget):
+    tokens = rng.integers(1, 10, size=(96, 5))
+    tokens[rng.random(96) < 0.5, 3:] = 0  # padding
+    model, reference = _MaskedSequences(), _MaskedSequences()
+    model(tokens[:2]), reference(tokens[:2])
+    reference(tokens, training=True)  # one-batch init on all of it
+    tf_actnorm.initialize(model, tokens, batch_size=16, verbose=0)
+    for name in ("an0", "an1", "an2"):
+        for ours, theirs in zip(snapshot(getattr(model, name)), snapshot(getattr(reference, name))):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    embedded = model.embed(tokens).numpy()[tokens != 0]  # the unmasked positions
+    bias, log_scale = numpy_init(embedded)
+    np.testing.assert_allclose(model.an0.bias.numpy(), bias, rtol=1e-5)
+    np.testing.assert_allclose(model.an0.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclassed"])
+def test_mixed_precision_statistics_in_float32(rng, kind, monkeypatch):
+    """Under mixed_float16 the layers see float16 inputs; the streamed statistics are
+    float32 and equal numpy's on those float16 values."""
+    monkeypatch.setattr(init, "_MERGE_BYTES", 1)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        data = _data(rng)
+        model = _model(kind)
+        tf_actnorm.initialize(model, data, batch_size=32, verbose=0)
+        layer = _actnorms(model)["an0"]
+        assert layer.compute_dtype == "float16" and layer.initial_bias.dtype == "float32"
+        bias, log_scale = numpy_init(data.astype("float16").astype("float64"))
+        np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5)
+        np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-6)
+        assert np.isfinite(np.asarray(model(data), "float32")).all()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -109,10 +109,13 @@ def moments(x, axis, mask=None, gate=None):
     weights = _weights(x, mask, axis)
     channels = tf.shape(x)[axis:axis + 1]
 
-    def gated(fn):
+    def gated(fn, outputs):
         if gate is None:
             return fn()
-        return tf.cond(gate, fn, lambda: tf.nest.map_structure(tf.zeros_like, fn()))
+        # The skipped branch builds its zeros from the channel count, not from `fn()`,
+        # whose reductions would then still run.
+        zeros = tf.zeros(channels, x.dtype)
+        return tf.cond(gate, fn, lambda: zeros if outputs == 1 else (zeros,) * outputs)
 
     def first_pass():
         if weights is None:
@@ -121,7 +124,7 @@ def moments(x, axis, mask=None, gate=None):
         return (channel_sum(weights * tf.ones_like(x), axis),
                 channel_sum(weights * x, axis))
 
-    count, total = _sum_over_replicas(list(gated(first_pass)))
+    count, total = _sum_over_replicas(list(gated(first_pass, 2)))
     mean = _formulas.mean(tf.math, count, total)
 
     def second_pass():
@@ -131,7 +134,7 @@ def moments(x, axis, mask=None, gate=None):
             deviations *= weights
         return channel_sum(deviations, axis)
 
-    m2 = _sum_over_replicas(gated(second_pass))
+    m2 = _sum_over_replicas(gated(second_pass, 1))
     return Moments(count, mean, m2)
 
 
