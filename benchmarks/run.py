@@ -119,7 +119,7 @@ ROWS = (
        for key in ("ActNorm", "ActNormBijector")]
     + [f"peak memory/Glow step/{mode}/with ActNorm vs without" for mode, _ in MODES]
     + ["init/glow/initialize(steps=16) vs 16 train steps",
-       "init/glow/initialize passes vs 16 train steps (no tracing)",
+       "init/glow/initialize(steps=128) vs 128 train steps",
        "init/dense/initialize vs train steps, same batches",
        "init/dense/peak RSS growth vs data size"]
     + JAX_ROWS
@@ -739,35 +739,17 @@ def _timed_with_peak_rss(fn):
     return seconds, max(peak) - peak[0]
 
 
-def _warm_passes_seconds(model, dataset):
-    """Seconds of ``initialize``'s passes (one per layer, in order) once traced: each
-    layer's pass runs twice, the second (timed) with its functions already traced and
-    compiled. Uses initialize's internals, the same steps as ``tf_actnorm.initialize``."""
-    init = tf_actnorm.init
-    source = init._Source(dataset, None, None)
-    first = source.first()
-    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), first)
-    order, calls = init._actnorm_layers_in_call_order(model, first)
-    total = 0.0
-    for layer in order:
-        step = init._StatisticsStep(model, layer, stop=calls[layer] == 1)
-        with step.collecting():
-            step.run(source, spec, lambda n: None)
-            start = time.perf_counter()
-            moments = step.run(source, spec, lambda n: None)
-            total += time.perf_counter() - start
-        layer._state.assign_from_moments(moments)
-    return total
-
-
 def init_rows(table, args):
-    # Glow-like flow: initialize(steps=16) from a fresh (built, uninitialised) model,
-    # its traces included, against 16 steps of the compiled (XLA) train step.
-    steps_per_level, hidden, batches = (1, 8, 16) if args.quick else (5, 64, 16)
+    # Glow-like flow: initialize from a fresh (built, uninitialised) model, its traces
+    # included, against as many steps of the compiled train step (its tracing not
+    # included). steps=16 (256 KiB of images) fits initialize's 1 MiB one-pass
+    # budget; steps=128 (2 MiB) streams: one pass per layer over the data.
+    steps_per_level, hidden = (1, 8) if args.quick else (5, 64)
     rng = np.random.default_rng(0)
     images = tf.data.Dataset.from_tensor_slices(
-        (rng.uniform(size=(batches * 64, 8, 8, 1)) - 0.5).astype("float32")).batch(64).cache()
+        (rng.uniform(size=(128 * 64, 8, 8, 1)) - 0.5).astype("float32")).batch(64).cache()
     x = next(iter(images))
+    list(images)  # fills the cache
 
     def fresh_glow():
         keras.utils.set_random_seed(0)
@@ -777,11 +759,6 @@ def init_rows(table, args):
 
     model = fresh_glow()
     layers = sum(isinstance(l, tf_actnorm.ActNorm) for l in model._flatten_layers())
-    start = time.perf_counter()
-    tf_actnorm.initialize(model, images, steps=batches, verbose=0)
-    init_s = time.perf_counter() - start
-    passes_s = _warm_passes_seconds(fresh_glow(), images.take(batches))
-    model = fresh_glow()
     train = _flow_train_step(model)
     start = time.perf_counter()
     train(x)  # traces and initialises
@@ -789,23 +766,36 @@ def init_rows(table, args):
     for _ in range(3):
         train(x)
     _sync()
-    train_s = []
-    for _ in range(max(3, args.repeats // 3)):
-        start = time.perf_counter()
-        for batch in images.take(batches):
-            train(batch)
-        _sync()
-        train_s.append(time.perf_counter() - start)
-    train_s = statistics.median(train_s)
-    table.add("init/glow/initialize(steps=16) vs 16 train steps", f"{init_s:.2f} s",
-              f"{train_s:.3f} s", init_s / train_s, 5.0,
-              note=f"{layers} ActNorm layers, batch [64, 8, 8, 1], hidden {hidden}; from a fresh "
-                   f"model, its {layers} traces and their first runs included; train steps "
-                   f"compiled (tf.function, Adam), their tracing ({compile_s:.1f} s) not included")
-    table.add("init/glow/initialize passes vs 16 train steps (no tracing)", f"{passes_s:.2f} s",
-              f"{train_s:.3f} s", passes_s / train_s, 5.0,
-              note=f"initialize's {layers} passes over 16 batches (each runs the model up to its "
-                   "layer), each pass timed when run a second time, already traced")
+
+    def train_seconds(batches):
+        times = []
+        for _ in range(max(3, args.repeats // 3)):
+            start = time.perf_counter()
+            for batch in images.take(batches):
+                train(batch)
+            _sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def init_seconds(batches, rounds):
+        times = []
+        for _ in range(rounds):  # each from a fresh model: its traces included
+            model = fresh_glow()
+            start = time.perf_counter()
+            tf_actnorm.initialize(model, images, steps=batches, verbose=0)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    for batches, path, rounds in ((16, "one eager pass (data within the 1 MiB budget)", 5),
+                                  (128, "streamed: one pass per layer, one traced "
+                                        "whole-model function", 3)):
+        init_s, train_s = init_seconds(batches, rounds), train_seconds(batches)
+        table.add(f"init/glow/initialize(steps={batches}) vs {batches} train steps",
+                  f"{init_s:.2f} s", f"{train_s:.3f} s", init_s / train_s, 5.0,
+                  note=f"{layers} ActNorm layers, batches [64, 8, 8, 1], hidden {hidden}; {path}; "
+                       f"each from a fresh model, tracing included (median of {rounds}); train "
+                       f"steps compiled (tf.function, Adam), their tracing ({compile_s:.1f} s) "
+                       "not included")
 
     # Small dense model, many batches made on the fly: throughput and memory.
     batches, shape = (400, (256, 64)) if args.quick else (2000, (256, 64))
