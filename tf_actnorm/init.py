@@ -73,6 +73,10 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
       and each pass runs all of it (``L`` forward passes per batch) while a pass
       costs less than that trace; after that, as a Sequential model.
 
+    Concatenating batches changes only how many examples one inference call sees, not
+    the statistics; a model whose inference output depends on which examples share a
+    batch would see larger batches.
+
     Args:
         model: A Keras model or layer.
         data: The batches. A ``tf.data.Dataset`` (re-iterated for each layer), a
