@@ -530,3 +530,33 @@ def test_mixed_precision_statistics_in_float32(rng, kind, monkeypatch):
         assert np.isfinite(np.asarray(model(data), "float32")).all()
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+class _TwoPrecisions(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.an0 = tf_actnorm.ActNorm(dtype="float64", name="an0")
+        self.dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.GlorotUniform(5))
+        self.an1 = tf_actnorm.ActNorm(name="an1")
+
+    def call(self, x, training=None):
+        return self.an1(self.dense(self.an0(x, training=training)), training=training)
+
+
+def test_float64_and_float32_layers_in_one_model(rng, budget):
+    """Each layer's statistics in its own dtype (float64 for a float64 layer), also
+    when the passes of both share one traced function."""
+    # float32 values: the model's float32 autocast of its inputs loses nothing, so float64
+    # statistics agree with numpy's to 1e-12 and float32 ones would not.
+    data = _data(rng).astype("float64")
+    model = _TwoPrecisions()
+    model(data[:2])
+    tf_actnorm.initialize(model, data, batch_size=32, verbose=0)
+    assert model.an0.initial_bias.dtype == "float64"
+    bias, log_scale = numpy_init(data)
+    np.testing.assert_allclose(model.an0.bias.numpy(), bias, rtol=1e-12)
+    np.testing.assert_allclose(model.an0.log_scale.numpy(), log_scale, rtol=1e-12, atol=1e-12)
+    hidden = model.dense(model.an0(data)).numpy()
+    bias, log_scale = numpy_init(hidden)
+    np.testing.assert_allclose(model.an1.bias.numpy(), bias, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.an1.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)

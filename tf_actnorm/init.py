@@ -135,7 +135,6 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
         done += batches
         progress.update(done)
 
-    summary = {}
     union = None
     if all(calls[layer] == 1 for layer in targets):
         union = source.union()
@@ -468,7 +467,8 @@ class _WholeModelPasses:
         with self._collecting():
             for batch, count in source.merged_batches():
                 padded = self._function(batch, target)
-                batch_moments = _stats.Moments(*(t[:self.channels[index]] for t in padded))
+                batch_moments = _stats.Moments(
+                    *(tf.cast(t[:self.channels[index]], moments.count.dtype) for t in padded))
                 moments = _stats.combine(moments, batch_moments)
                 advance(count)
         return moments
