@@ -332,9 +332,7 @@ def _initialize_in_one_pass(model, targets, batch):
         return lambda inputs, mask: layer._state.assign_from_moments(
             _stats.moments(inputs, layer.axis, mask))
 
-    with contextlib.ExitStack() as stack:
-        for layer in targets:
-            stack.enter_context(_collecting(layer, initializer(layer)))
+    with _collecting({layer: initializer(layer) for layer in targets}):
         _run(model, batch)
 
 
@@ -391,7 +389,7 @@ class _PrefixPass:
     def run(self, spec, source, advance):
         """The moments over all of ``source``'s batches (``spec``: a batch's spec, its
         batch size unknown); ``advance(n)`` after each ``n`` batches."""
-        with _collecting(self.layer, self._collect):
+        with _collecting({self.layer: self._collect}):
             step = self._function
             try:
                 step.get_concrete_function(spec)
@@ -442,6 +440,9 @@ class _WholeModelPasses:
         self.channels = [int(layer.initial_bias.shape[0]) for layer in targets]
         dtypes = {_stats.stats_dtype(layer.compute_dtype) for layer in targets}
         self.dtype = tf.float64 if tf.float64 in dtypes else tf.float32
+        self.width = max(self.channels)
+        self._hooks = {layer: functools.partial(self._collect, index)
+                       for index, layer in enumerate(targets)}
         self.trace_seconds = None
         self._target = self._seen = None
         self._function = tf.function(self._batch_moments, reduce_retracing=True, autograph=False)
@@ -452,7 +453,7 @@ class _WholeModelPasses:
         called inside the model's own loop or branch: the function cannot return
         its statistics."""
         start = time.perf_counter()
-        with self._collecting():
+        with _collecting(self._hooks):
             try:
                 self._function.get_concrete_function(spec, tf.TensorSpec([], tf.int32))
             except _NotTraceable:
@@ -464,7 +465,7 @@ class _WholeModelPasses:
     def run(self, index, source, advance):
         target = tf.constant(index)
         moments = _zero_moments(self.targets[index])
-        with self._collecting():
+        with _collecting(self._hooks):
             for batch, count in source.merged_batches():
                 padded = self._function(batch, target)
                 batch_moments = _stats.Moments(
@@ -472,13 +473,6 @@ class _WholeModelPasses:
                 moments = _stats.combine(moments, batch_moments)
                 advance(count)
         return moments
-
-    @contextlib.contextmanager
-    def _collecting(self):
-        with contextlib.ExitStack() as stack:
-            for index, layer in enumerate(self.targets):
-                stack.enter_context(_collecting(layer, functools.partial(self._collect, index)))
-            yield
 
     def _collect(self, index, inputs, mask):
         rows = tf.where(tf.equal(self._target, index), tf.shape(inputs)[0], 0)
@@ -491,8 +485,7 @@ class _WholeModelPasses:
             if weights is not None:
                 weights = tf.transpose(weights, order)
         values = tf.reshape(tf.cast(inputs, self.dtype), [-1, self.channels[index]])
-        width = max(self.channels)
-        values = tf.pad(values, [[0, 0], [0, width - self.channels[index]]])
+        values = tf.pad(values, [[0, 0], [0, self.width - self.channels[index]]])
         if weights is not None:
             weights = tf.reshape(tf.broadcast_to(tf.cast(weights, self.dtype),
                                                  tf.concat([tf.shape(inputs)[:-1], [1]], 0)), [-1])
@@ -512,17 +505,17 @@ class _WholeModelPasses:
         return _stats.moments(values, -1, weights)
 
 
-class _collecting:
-    """While active, ``layer`` hands each call's inputs and mask to ``fn``."""
-
-    def __init__(self, layer, fn):
-        self.layer, self.fn = layer, fn
-
-    def __enter__(self):
-        self.layer._collect_moments = self.fn
-
-    def __exit__(self, *exc):
-        self.layer._collect_moments = None
+@contextlib.contextmanager
+def _collecting(hooks):
+    """While active, each layer in ``hooks`` hands each call's inputs and mask to its
+    hook (and skips its own initialisation)."""
+    for layer, hook in hooks.items():
+        layer._collect_moments = hook
+    try:
+        yield
+    finally:
+        for layer in hooks:
+            layer._collect_moments = None
 
 
 def _actnorm_layers_in_call_order(model, batch):
@@ -532,11 +525,9 @@ def _actnorm_layers_in_call_order(model, batch):
     if not layers:
         raise ValueError(f"initialize: {getattr(model, 'name', model)!r} has no ActNorm layer")
     called = []
-    contexts = [_collecting(layer, lambda *_, layer=layer: called.append(layer)) for layer in layers]
-    for context in contexts:
-        context.__enter__()
     try:
-        model(batch, training=False)
+        with _collecting({layer: lambda *_, layer=layer: called.append(layer) for layer in layers}):
+            model(batch, training=False)
     except Exception as error:
         if hasattr(error, "add_note"):  # Python 3.11+
             shapes = tf.nest.map_structure(lambda t: tuple(t.shape), batch)
@@ -545,9 +536,6 @@ def _actnorm_layers_in_call_order(model, batch):
                 f"{shapes}). If `data` yields single examples rather than batches, batch it "
                 "first, e.g. `dataset.batch(n)`.")
         raise
-    finally:
-        for context in contexts:
-            context.__exit__()
     calls = collections.Counter(called)
     return list(dict.fromkeys(called)), calls
 
