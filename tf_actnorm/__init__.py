@@ -1,36 +1,43 @@
-"""ActNorm (Activation Normalization, Glow) as a Keras 3 layer and a TFP bijector.
+"""ActNorm (Activation Normalization, Glow) as a Keras 3 layer, a TFP bijector and a
+PyTorch module.
 
-``ActNorm`` runs on the TensorFlow, JAX and PyTorch Keras backends; importing this
-package imports TensorFlow only when it is the Keras backend. ``ActNormBijector``
-(TensorFlow Probability) and ``initialize`` (TensorFlow backend) are imported on
-first use.
+Every name is imported on first use, so ``import tf_actnorm`` imports no framework:
+
+* ``ActNorm``: the Keras layer (the TensorFlow, JAX and PyTorch Keras backends;
+  extras ``tensorflow``, ``jax`` or ``torch``).
+* ``ActNormBijector`` (TensorFlow Probability) and ``initialize``: extra ``tensorflow``.
+* ``tf_actnorm.torch.ActNorm``: a plain ``torch.nn.Module`` (extra ``torch``; no Keras).
 """
 
-from tf_actnorm.layer import ActNorm
+import importlib
 
 __all__ = ["ActNorm", "ActNormBijector", "initialize"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-# Name -> (module, what to install when TensorFlow is missing).
-_TENSORFLOW_ONLY = {
-    "ActNormBijector": ("tf_actnorm.bijector", "tensorflow and tensorflow-probability[tf]"),
+# Name -> (module, the extra that provides what it imports).
+_LAZY = {
+    "ActNorm": ("tf_actnorm.layer", "a Keras backend: tensorflow, jax or torch"),
+    "ActNormBijector": ("tf_actnorm.bijector", "tensorflow"),
     "initialize": ("tf_actnorm.init", "tensorflow"),
 }
 
 
 def __getattr__(name):
-    if name not in _TENSORFLOW_ONLY:
+    if name not in _LAZY:
         raise AttributeError(f"module 'tf_actnorm' has no attribute {name!r}")
-    module, requirement = _TENSORFLOW_ONLY[name]
+    module, extra = _LAZY[name]
     try:
-        import importlib  # noqa: PLC0415
-
         value = getattr(importlib.import_module(module), name)
     except ImportError as error:
+        hint = ('`pip install "tf_actnorm[tensorflow]"`' if extra == "tensorflow" else
+                'one of `pip install "tf_actnorm[tensorflow]"`, `"tf_actnorm[jax]"`, '
+                '`"tf_actnorm[torch]"` (and KERAS_BACKEND to match)')
         raise ImportError(
-            f"tf_actnorm.{name} needs TensorFlow: install {requirement} "
-            f"(`pip install {requirement.replace(' and ', ' ')}`; the ActNorm layer itself "
-            f"runs without them on the JAX and PyTorch Keras backends). "
+            f"tf_actnorm.{name} needs {extra}: install the extra, {hint}. "
             f"Import failed with: {error}") from error
     globals()[name] = value
     return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
