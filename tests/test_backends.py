@@ -1,21 +1,18 @@
-"""ActNorm on the JAX and PyTorch Keras backends (issue 16), driven from this suite.
+"""ActNorm on the JAX and PyTorch Keras backends, driven from this suite.
 
-The backend sub-suite (``tests/backends/``) must run where TensorFlow is *not*
-installed, so it runs in its own virtual environment, ``.venv-backends/`` at the
-repository root (git-ignored): created here on first use with the same Keras as
-this environment, ``jax[cpu]``, numpy, pytest and this package (``--no-deps``, so
-no TensorFlow), and reused while it has the right Keras. The TensorFlow environment
-is never touched.
+The backend sub-suite (``tests/backends/``) runs in a fresh interpreter per backend, in
+this environment but with ``tests/backends/without_tensorflow`` first on ``PYTHONPATH``:
+there ``import tensorflow`` (and ``tensorflow_probability``) fails, as it does where only
+the ``jax`` or ``torch`` extra is installed, so any code path that needs TensorFlow fails
+the sub-suite. That the extras themselves install no TensorFlow is checked against pip's
+own resolver (``test_backend_extras_install_no_tensorflow``).
 
-* JAX: always runs (CI included).
-* PyTorch: runs when ``torch`` is importable in that environment, else skips with
-  the reason (PyPI's ``torch`` wheel pulls several GB of CUDA libraries, so CI does
-  not install it; ``.venv-backends/bin/pip install torch`` enables it).
-* ``.keras`` files cross backends both ways: this (TensorFlow) process writes one
-  before the runs, each backend loads the files of the backends before it and writes
-  its own, and this process loads theirs at the end.
+``.keras`` files cross backends both ways: this (TensorFlow) process writes one before
+the runs, each backend loads the files of the backends before it and writes its own,
+and this process loads theirs at the end.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -25,49 +22,35 @@ import keras
 import numpy as np
 import pytest
 
-import tf_actnorm
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.join(ROOT, ".venv-backends")
-PYTHON = os.path.join(VENV, "bin", "python")
 DATA = os.path.join(ROOT, "tests", "data")
-PACKAGES = [f"keras=={keras.__version__}", "jax[cpu]", "numpy", "pytest"]
+WITHOUT_TENSORFLOW = os.path.join(ROOT, "tests", "backends", "without_tensorflow")
 JAX_ONLY = "JAX backend only"
 
 
-def _run(cmd, timeout, **kwargs):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+def backend_env(backend, **extra):
+    """The environment of a process on ``backend`` in which TensorFlow cannot be imported."""
+    path = os.pathsep.join(p for p in (WITHOUT_TENSORFLOW, ROOT, os.environ.get("PYTHONPATH"))
+                           if p)
+    return dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=path, **extra)
 
 
-def _venv_ok():
-    if not os.path.exists(PYTHON):
-        return False
-    probe = _run([PYTHON, "-c", "import keras, jax, pytest, tf_actnorm; "
-                  "print(keras.__version__, tf_actnorm.__file__)"], 120, cwd="/",
-                 env=dict(os.environ, KERAS_BACKEND="jax"))
-    want = f"{keras.__version__} {os.path.join(ROOT, 'tf_actnorm', '__init__.py')}"
-    return probe.returncode == 0 and probe.stdout.strip() == want
-
-
-@pytest.fixture(scope="module")
-def venv():
-    """``.venv-backends``: Keras (same version), jax[cpu], numpy, pytest; no TensorFlow."""
-    if not _venv_ok():
-        steps = [[sys.executable, "-m", "venv", "--clear", VENV],
-                 [PYTHON, "-m", "pip", "install", "-q", *PACKAGES],
-                 [PYTHON, "-m", "pip", "install", "-q", "--no-deps", "-e", ROOT]]
-        for step in steps:
-            proc = _run(step, 900)
-            if proc.returncode:
-                pytest.fail(f"creating {VENV} failed at {step}:\n{proc.stdout[-2000:]}"
-                            f"\n{proc.stderr[-4000:]}")
-        assert _venv_ok()
-    has_tf = _run([PYTHON, "-c", "import tensorflow"], 120).returncode == 0
-    assert not has_tf, f"{VENV} must not have TensorFlow: it proves that no import needs it"
-    return PYTHON
+def _suite(backend, exchange):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+         "--confcutdir=tests/backends", "tests/backends"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env=backend_env(backend, TF_ACTNORM_EXCHANGE=exchange))
+    last = proc.stdout.splitlines()[-1] if proc.stdout else ""
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", last)}
+    skips = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", proc.stdout, re.M)
+    return {"returncode": proc.returncode, "counts": counts, "skips": skips,
+            "output": proc.stdout[-6000:] + proc.stderr[-3000:]}
 
 
 def _exchange_model(rng):
+    import tf_actnorm
+
     keras.utils.set_random_seed(5)
     model = keras.Sequential([keras.Input((4, 3)), tf_actnorm.ActNorm(name="an"),
                               keras.layers.Flatten(), keras.layers.Dense(1, name="dense")])
@@ -77,20 +60,9 @@ def _exchange_model(rng):
     return model
 
 
-def _suite(python, backend, exchange):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_ACTNORM_EXCHANGE=exchange)
-    proc = _run([python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                 "--confcutdir=tests/backends", "tests/backends"], 900, cwd=ROOT, env=env)
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b",
-                                               proc.stdout.splitlines()[-1] if proc.stdout else "")}
-    skips = re.findall(r"^SKIPPED \[\d+\] \S+: (.*)$", proc.stdout, re.M)
-    return {"returncode": proc.returncode, "counts": counts, "skips": skips,
-            "output": proc.stdout[-6000:] + proc.stderr[-3000:]}
-
-
 @pytest.fixture(scope="module")
-def runs(venv, tmp_path_factory):
-    """The sub-suite on JAX, then on PyTorch when it is installed; the exchange folder."""
+def runs(tmp_path_factory):
+    """The sub-suite on JAX, then on PyTorch; the exchange folder."""
     exchange = str(tmp_path_factory.mktemp("exchange"))
     rng = np.random.default_rng(11)
     model = _exchange_model(rng)
@@ -98,11 +70,8 @@ def runs(venv, tmp_path_factory):
     model.save(os.path.join(exchange, "tensorflow.keras"))
     np.savez(os.path.join(exchange, "tensorflow.npz"), x=new, y=model.predict(new, verbose=0),
              **{f"w{i}": w for i, w in enumerate(model.get_weights())})
-    keras.backend.clear_session()
-    results = {"exchange": exchange, "jax": _suite(venv, "jax", exchange)}
-    if _run([venv, "-c", "import torch"], 300).returncode == 0:
-        results["torch"] = _suite(venv, "torch", exchange)
-    return results
+    keras.backend.clear_session(free_memory=False)
+    return {"exchange": exchange, "jax": _suite("jax", exchange), "torch": _suite("torch", exchange)}
 
 
 def _assert_passed(result, allowed_skip):
@@ -120,16 +89,14 @@ def test_jax_backend_matrix_passes(runs):
 
 
 def test_torch_backend_matrix_passes(runs):
-    if "torch" not in runs:
-        pytest.skip("torch is not installed in .venv-backends (PyPI's torch wheel pulls several "
-                    "GB of CUDA libraries, so CI does not install it): install it there "
-                    "(`.venv-backends/bin/pip install torch`) to run the PyTorch matrix")
+    """The same matrix on PyTorch; only tests of JAX-only APIs (``jax.jit``,
+    ``keras.distribution``) skip, and nothing else may."""
     _assert_passed(runs["torch"], allowed_skip=JAX_ONLY)
 
 
 def test_keras_files_written_on_other_backends_load_on_tensorflow(runs):
     written = sorted(f for f in os.listdir(runs["exchange"]) if f.endswith(".keras"))
-    assert "jax.keras" in written, written
+    assert {"jax.keras", "torch.keras"} <= set(written), written
     for name in written:
         with np.load(os.path.join(runs["exchange"], name.replace(".keras", ".npz"))) as saved:
             saved = dict(saved)
@@ -162,3 +129,24 @@ def test_keras_file_of_tf_actnorm_0_1_0_migrates(rng):
     model(rng.normal(-30.0, 9.0, (8, 4, 3)).astype("float32"), training=True)
     np.testing.assert_array_equal(layer.bias.numpy(), saved["bias"])
 
+
+def _resolved(extras):
+    """Names of the distributions pip would install for ``.[extras]`` into an empty
+    environment (pip's resolver, nothing installed: ``--dry-run --ignore-installed``)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+         "--report", "-", f".[{extras}]"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    return {item["metadata"]["name"].lower().replace("_", "-") for item in report["install"]}
+
+
+@pytest.mark.parametrize("extra,framework", [("jax", "jax"), ("torch", "torch")])
+def test_backend_extras_install_no_tensorflow(extra, framework):
+    """``pip install ".[jax]"`` / ``".[torch]"`` brings Keras and that framework, and no
+    TensorFlow, TensorFlow Probability or tf_keras."""
+    names = _resolved(extra)
+    assert {"keras", "numpy", framework} <= names, sorted(names)
+    assert not names & {"tensorflow", "tensorflow-cpu", "tensorflow-probability", "tf-keras"}, \
+        sorted(names)
