@@ -5,6 +5,11 @@ fresh interpreter (cwd a temporary directory), so a snippet may use what an earl
 the same page defined, as a reader going down the page would. Fences that are not meant to
 run carry another tag (``text``, ``console``, ``bash``); an untagged fence is an error, so a
 snippet cannot drop out of the test by accident.
+
+A ```python fence that sets ``KERAS_BACKEND`` (``os.environ["KERAS_BACKEND"] = "jax"``) is
+a backend example: it runs on its own, in a fresh interpreter in which TensorFlow cannot be
+imported (as with only that backend's extra installed), and the ```text fence right after
+it is what it must print.
 """
 
 import os
@@ -27,8 +32,28 @@ def fences(page):
     return [(m.group(2).strip(), m.group(3)) for m in FENCE.finditer(page.read_text())]
 
 
+BACKEND_BLOCK = re.compile(r'^os\.environ\["KERAS_BACKEND"\] = "(\w+)"', re.M)
+
+
 def python_source(page):
-    return "\n".join(code for tag, code in fences(page) if tag == "python")
+    """The page's ```python fences, in order, less its backend examples."""
+    return "\n".join(code for tag, code in fences(page)
+                     if tag == "python" and not BACKEND_BLOCK.search(code))
+
+
+def backend_examples(page):
+    """``(backend, code, expected output)`` of each backend example on ``page``."""
+    found = fences(page)
+    examples = []
+    for i, (tag, code) in enumerate(found):
+        match = BACKEND_BLOCK.search(code) if tag == "python" else None
+        if match:
+            follows = found[i + 1] if i + 1 < len(found) else ("", "")
+            assert follows[0] == "text", (
+                f"{_page_id(page)}: a {match.group(1)} example must be followed by a ```text "
+                "fence with what it prints")
+            examples.append((match.group(1), code, follows[1]))
+    return examples
 
 
 def _page_id(page):
@@ -80,6 +105,26 @@ def test_page_snippets_run(page, page_runs):
     result = page_runs[page]
     assert result.returncode == 0, (
         f"{_page_id(page)}: snippets failed\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+
+
+BACKEND_EXAMPLES = [(page, *example) for page in PAGES for example in backend_examples(page)]
+
+
+@pytest.mark.parametrize("page,backend,code,expected", BACKEND_EXAMPLES,
+                         ids=[f"{_page_id(p)}-{b}" for p, b, _, _ in BACKEND_EXAMPLES])
+def test_backend_example_prints_what_the_page_shows(page, backend, code, expected, tmp_path):
+    from tests.test_backends import backend_env
+
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=backend_env(backend))
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert result.stdout == expected, (result.stdout, expected)
+
+
+def test_backends_page_has_a_jax_example():
+    assert [b for p, b, _, _ in BACKEND_EXAMPLES if p.name == "backends.md"] == ["jax"]
 
 
 def test_readme_and_guides_have_snippets():

@@ -29,12 +29,11 @@ def __getattr__(name):
     try:
         value = getattr(importlib.import_module(module), name)
     except ImportError as error:
-        hint = ('`pip install "tf_actnorm[tensorflow]"`' if extra == "tensorflow" else
-                'one of `pip install "tf_actnorm[tensorflow]"`, `"tf_actnorm[jax]"`, '
-                '`"tf_actnorm[torch]"` (and KERAS_BACKEND to match)')
+        extras = "the tensorflow extra" if extra == "tensorflow" else "the extra of a backend"
+        example = ".[tensorflow]" if extra == "tensorflow" else ".[jax]"
         raise ImportError(
-            f"tf_actnorm.{name} needs {extra}: install the extra, {hint}. "
-            f"Import failed with: {error}") from error
+            f"tf_actnorm.{name} needs {extra}: install {extras} (from a clone of the "
+            f'repository: pip install "{example}"). Import failed with: {error}') from error
     globals()[name] = value
     return value
 
