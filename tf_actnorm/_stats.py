@@ -62,18 +62,12 @@ def channel_sum(x, axis):
     """Sum of ``x`` over every axis but ``axis``, shape [C].
 
     Where TensorFlow sees no accelerator, as matrix-vector products with a vector of
-    ones. XLA:CPU fuses the elementwise producer of a reduction's operand (``dy * y``
-    in ActNorm's backward pass) into the reduction and emits that as its own loop,
-    which runs far below memory speed; a dot is a library call that streams its
-    operands. Measured on 2 vCPUs: on an Intel Xeon, a GEMV at memory speed, a fused
-    column reduction 20-30x slower and TensorFlow's reduction kernel 2-3x slower; on
-    an AMD EPYC (family 25, model 17), ActNorm's forward and backward pass on
-    [32, 32, 32, 64] with ``tf.reduce_sum`` took 1.7-2.1x the time it takes with
-    these GEMVs under XLA (one [1, N] x [N, C] GEMV instead of the batch of 16: 1.4x),
-    and within about 10% of it without XLA. Multiplying by one rounds nothing: only the
-    order of summation differs from ``tf.reduce_sum``. On GPUs/TPUs, where matmuls may
-    round their inputs (TensorFloat-32, bfloat16 passes) and reductions are fast, and
-    for dtypes other than float32/float64, ``tf.reduce_sum``.
+    ones: XLA:CPU emits a reduction fused with its elementwise producer (``dy * y`` in
+    ActNorm's backward pass) as its own slow loop, while a dot is a library call that
+    streams its operands (measurements: docs/benchmarks.md). Multiplying by one rounds
+    nothing; only the order of summation differs from ``tf.reduce_sum``. On GPUs/TPUs
+    (whose matmuls may round their inputs, and whose reductions are fast) and for dtypes
+    other than float32/float64, ``tf.reduce_sum``.
     """
     rank = x.shape.rank
     axis = axis % rank
@@ -81,8 +75,8 @@ def channel_sum(x, axis):
         return tf.reduce_sum(x, [i for i in range(rank) if i != axis])
     shape = tf.shape(x)
     if axis == rank - 1:
-        # [N, C] as k blocks [k, N/k, C]; ones[k, 1, N/k] @ blocks, then the [k, C] sum.
-        # A batch of k GEMVs runs 1.4-2x faster than one under XLA:CPU (same speed without).
+        # [N, C] as k blocks [k, N/k, C]; ones[k, 1, N/k] @ blocks, then the [k, C] sum:
+        # XLA:CPU runs a batch of k GEMVs faster than one.
         rows = x.shape[:-1].num_elements()
         k = next((k for k in (16, 8, 4, 2) if rows and rows % k == 0), 1)
         blocks = tf.reshape(x, [k, -1, shape[axis]])
