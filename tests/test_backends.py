@@ -150,3 +150,29 @@ def test_backend_extras_install_no_tensorflow(extra, framework):
     assert {"keras", "numpy", framework} <= names, sorted(names)
     assert not names & {"tensorflow", "tensorflow-cpu", "tensorflow-probability", "tf-keras"}, \
         sorted(names)
+
+
+def _python(code, env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=env)
+
+
+def test_import_registers_the_layer_for_keras_files():
+    """``import tf_actnorm`` alone is enough to load a ``.keras`` file holding ActNorm."""
+    code = ("import keras, tf_actnorm; "
+            f"model = keras.models.load_model({os.path.join(DATA, 'actnorm_0.1.0.keras')!r}); "
+            "print(type(model.get_layer('an')).__module__)")
+    proc = _python(code, dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "tf_actnorm.layer", proc.stderr
+
+
+def test_import_without_a_backend_names_the_extra():
+    """Keras set to a backend that is not installed: ``import tf_actnorm`` works, and the
+    layer raises an ImportError that says what to install."""
+    code = ("import sys, tf_actnorm\n"
+            "try:\n    tf_actnorm.ActNorm\n"
+            "except ImportError as error:\n    print(error)\n")
+    proc = _python(code, backend_env("tensorflow"))
+    assert proc.returncode == 0, proc.stderr
+    assert "needs Keras and the backend it is set to (KERAS_BACKEND)" in proc.stdout
+    assert 'pip install ".[jax]"' in proc.stdout

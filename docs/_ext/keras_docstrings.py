@@ -6,8 +6,8 @@ items run together. This extension parses its items like ``Args:`` and shows the
 parameter table titled "Call arguments". It also turns Sphinx roles such as
 ``:class:`tf_actnorm.ActNormBijector``` into cross-references to the API pages, and leaves
 private arguments (``_state``) out of the signatures. Names that ``tf_actnorm/__init__.py``
-imports lazily (its module ``__getattr__`` and ``_TENSORFLOW_ONLY`` table, so that the layer
-runs without TensorFlow) are invisible to static analysis; the extension adds them to the
+imports lazily (its module ``__getattr__`` and ``_LAZY`` table, so that importing the
+package imports no framework) are invisible to static analysis; the extension adds them to the
 package as aliases of their defining objects, as a plain re-export would be.
 
 Loaded by mkdocs.yml (``extensions:`` of the mkdocstrings Python handler); it only affects
@@ -25,8 +25,8 @@ _SECTIONS = {"call arguments": "Call arguments:"}
 
 class KerasDocstrings(griffe.Extension):
     def on_package(self, *, pkg, **kwargs):
-        # `_TENSORFLOW_ONLY = {"Name": ("module", "what to install"), ...}` in __init__.py.
-        table = pkg.members.get("_TENSORFLOW_ONLY")
+        # `_LAZY = {"Name": ("module", "what to install"), ...}` in __init__.py.
+        table = pkg.members.get("_LAZY")
         if table is None or getattr(table, "value", None) is None:
             return
         for name, (module, _) in ast.literal_eval(str(table.value)).items():
