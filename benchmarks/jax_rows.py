@@ -1,11 +1,12 @@
-"""ActNorm benchmark rows on the JAX Keras backend, under ``jax.jit`` (issue 16).
+"""ActNorm benchmark rows on the JAX Keras backend, under ``jax.jit``.
 
-Run by ``benchmarks/run.py`` (group ``jax``) in the TensorFlow-free environment
-``.venv-backends`` (see tests/test_backends.py); by hand:
+Run by ``benchmarks/run.py`` (group ``jax``) in a subprocess of the same interpreter
+with ``KERAS_BACKEND=jax`` (the backend is fixed when Keras is first imported); by hand:
 
-    KERAS_BACKEND=jax .venv-backends/bin/python benchmarks/jax_rows.py [--quick]
+    KERAS_BACKEND=jax python benchmarks/jax_rows.py [--quick]
 
-Prints ``Device: ...`` and markdown rows in run.py's format. Same method as run.py:
+Needs no TensorFlow. Prints ``Device: ...`` and markdown rows in run.py's format
+(``report.py``). Same method as run.py (``pairing.py``):
 warm-up, then rounds that time candidate and baseline back to back (order
 alternating), each sample lasting ~50 ms (5 ms with ``--quick``); medians of the
 times and of the per-round ratios. Every function is ``jax.jit``-compiled and each
@@ -23,19 +24,20 @@ sample ends with ``block_until_ready``.
 
 import argparse
 import os
-import platform
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `pairing` lies beside this file
+# Measure this checkout's tf_actnorm, and import the modules beside this file as the
+# package `benchmarks` (neither imports a framework).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import pairing  # noqa: E402 (beside this script)
 import tf_actnorm  # noqa: E402
+from benchmarks import pairing, report  # noqa: E402
 
 ROWS = [
     ("jax/forward 4d/jit/layer(training=False) vs bare", 1.05),
@@ -57,13 +59,8 @@ def compare_times(candidate, baseline, repeats, target_s):
 
 
 def row(row_id, candidate, baseline, ratio, target, note):
-    if target is None:
-        verdict, target_text = "info", "—"
-    else:
-        verdict, target_text = ("PASS" if ratio <= target else "FAIL"), f"≤ {target:.2f}×"
-    cells = (row_id, f"{candidate * 1e3:.3f} ms", f"{baseline * 1e3:.3f} ms", f"{ratio:.3f}×",
-             target_text, verdict, note)
-    print("| " + " | ".join(cells) + " |", flush=True)
+    report.print_row(report.row_cells(row_id, report.ms(candidate), report.ms(baseline), ratio,
+                                      target, note=note))
 
 
 def forward_rows(args):
@@ -127,17 +124,6 @@ def train_step_rows(args):
         row(row_id, tc, tb, ratio, target, f"x {list(shape)} f32; forward+backward+SGD; {_JAX}")
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -149,7 +135,7 @@ def main():
     args.sample_s = 0.005 if args.quick else 0.05
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     print(f"Device: JAX {jax.__version__} on {jax.default_backend()} ({devices}); "
-          f"CPU: {_cpu_name()}; Keras {keras.__version__}", flush=True)
+          f"CPU: {report.cpu_name()}; Keras {keras.__version__}", flush=True)
     forward_rows(args)
     train_step_rows(args)
 

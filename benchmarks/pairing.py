@@ -1,5 +1,5 @@
-"""Paired timing, shared by ``run.py`` (TensorFlow) and ``jax_rows.py`` (JAX; it runs
-where TensorFlow is not installed, so this module imports neither).
+"""Paired timing, shared by ``run.py`` (TensorFlow, through ``timing.py``) and
+``jax_rows.py`` (JAX, which needs no TensorFlow), so this module imports neither.
 
 After a warm-up, each of ``repeats`` rounds times the candidate and the baseline back
 to back, alternating which goes first, each sample lasting about ``target_s``; the
