@@ -1,4 +1,4 @@
-"""tf_actnorm.ActNormBijector (issue 4)."""
+"""tf_actnorm.ActNormBijector: the TFP bijector."""
 
 import os
 import subprocess
@@ -272,7 +272,7 @@ def test_flow_in_a_keras_model_trains_with_fit(rng):
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-# ---- TFP citizenship (issue 15) ----
+# ---- TFP citizenship: parameter properties, batch shapes, slicing, caching ----
 
 class _EagerSession:
     """The one method ``bijector_test_util`` asks of its ``sess``, for eager tensors."""

@@ -1,4 +1,4 @@
-"""ActNorm under tf.distribute (issue 5): global statistics, identical replicas.
+"""ActNorm under tf.distribute: global statistics, identical replicas.
 
 Every scenario runs in a subprocess (``tests/_distribute_worker.py``): logical CPU
 devices and ``TF_CONFIG`` must be set before TensorFlow initialises, and several

@@ -70,3 +70,17 @@ def test_readme_is_a_landing_page():
     assert any(t.startswith("docs/") for t in targets)
     for target in targets:
         assert (ROOT / target).is_file(), target
+
+
+def test_no_tracker_numbers_in_docs_code_or_tests():
+    """Pages, docstrings, comments and test docstrings say what the behaviour is; a reader
+    of the repository cannot follow a tracker number."""
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    for folder in ("tf_actnorm", "tests", "benchmarks", "examples"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    pattern = re.compile(r"\b(?:issues?|tasks?) #?\d+|(?<![\w&/])#\d{1,3}\b", re.I)
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+             for path in files
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if pattern.search(line)]
+    assert not found, "\n".join(found)

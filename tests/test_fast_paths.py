@@ -1,4 +1,4 @@
-"""The fast paths behind the benchmarks (issue 8) compute what the plain ops compute.
+"""The fast paths behind the benchmarks compute what the plain ops compute.
 
 ``_stats.channel_sum`` (per-channel sums as matrix-vector products on CPU) and
 ``_math.channel_grads`` (the backward pass of the transform) must agree with

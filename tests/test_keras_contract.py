@@ -1,6 +1,6 @@
 """ActNorm keeps Keras' own contract, with BatchNormalization as the reference: only training
 mode changes state, an unset `training` outside a training context is inference, and a frozen
-layer (`trainable = False`) never changes (issue 12). Also Keras' own layer test harness."""
+layer (`trainable = False`) never changes. Also Keras' own layer test harness."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""tf_actnorm.ActNorm: the Keras layer (issue 3)."""
+"""tf_actnorm.ActNorm: the Keras layer."""
 
 import keras
 import numpy as np

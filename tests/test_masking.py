@@ -1,4 +1,4 @@
-"""Keras masks: statistics and log-det over valid positions only (issue 7)."""
+"""Keras masks: statistics and log-det over valid positions only."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""Issue 6: checkpoints, .keras files, SavedModel export and resuming.
+"""Checkpoints, .keras files, SavedModel export and resuming.
 
 In-process tests cover checkpoints, get/set_weights and the uninitialised-export guard.
 The fresh-process items run tests/persistence_helper.py twice (``train`` then ``fresh``,

@@ -1,4 +1,4 @@
-"""Mixed precision, float64 and robust statistics (issue 7)."""
+"""Mixed precision, float64 and robust statistics."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""ActNorm on the JAX / PyTorch Keras backends (issue 16): the layer test matrix.
+"""ActNorm on the JAX / PyTorch Keras backends: the layer test matrix.
 
 The truths are numpy's (``tests/util.py``), the backend's own autodiff Jacobian,
 round trips, and files written by other backends and by tf_actnorm 0.1.0.
