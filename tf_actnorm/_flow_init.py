@@ -29,6 +29,7 @@ How it runs, as ``initialize`` does for Keras models:
 
 import functools
 import sys
+import time
 
 import keras
 import numpy as np
@@ -82,13 +83,22 @@ def initialize_flow(flow, data, steps, batch_size, force, verbose, direction):
     progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
     progress.update(0)
     done = 0
-    for call in calls:
+    # First one function, traced once, for every pass; when a pass over the data costs
+    # more than that trace did, the remaining ActNorms get passes that stop at them.
+    whole = _WholeFlowPasses(run, calls)
+    if not whole.trace(first):
+        whole = None
+    for index, call in enumerate(calls):
+        start = time.perf_counter()
+        passes = whole.batches(index, source) if whole else _Pass(run, call).batches(source)
         moments = _zero_moments(call.bijector)
-        for batch_moments, count in _Pass(run, call).batches(source):
+        for batch_moments, count in passes:
             moments = _stats.combine(moments, batch_moments)
             done += count
             progress.update(done)
         call.bijector._state.assign_from_moments(moments, call.from_outputs)
+        if whole and time.perf_counter() - start > whole.trace_seconds:
+            whole = None
     progress.update(done, finalize=True)
     return _summary([call.bijector for call in calls])
 
@@ -279,11 +289,8 @@ class _Pass:
             yield step(batch), count
 
     def _traced_or_eager(self, batch):
-        # Any batch size: merged batches and a last, smaller one share the trace.
-        spec = tf.nest.map_structure(
-            lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), batch)
         try:
-            self._function.get_concrete_function(spec)
+            self._function.get_concrete_function(_spec(batch))
         except _NotTraceable:
             return self._eager_moments
         return self._function
@@ -314,6 +321,64 @@ class _Pass:
             raise _NotTraceable
         zero = _zero_moments(self.call.bijector)
         return _stats.Moments(*(tf.cast(t, zero.count.dtype) for t in seen[0]))
+
+
+class _WholeFlowPasses:
+    """Every ActNorm's pass from one ``tf.function``, traced once: it runs the whole data
+    direction and returns the moments of each ActNorm's inputs at its first call. Pass
+    ``index`` keeps the moments of ``calls[index]``, whose inputs the earlier passes'
+    assignments have made final (ActNorms read their variables when the function runs).
+    Each pass runs the whole flow, but the flow is traced once instead of once per
+    ActNorm: for a flow whose Python (TFP's bookkeeping) costs more than its arithmetic,
+    much cheaper."""
+
+    def __init__(self, run, calls):
+        self.run, self.calls = run, calls
+        self.index = {_key(call.bijector): i for i, call in enumerate(calls)}
+        self.trace_seconds = None
+        self._function = tf.function(self._moments, reduce_retracing=True, autograph=False)
+
+    def trace(self, batch):
+        """Traces for batches like ``batch`` and runs it once, timing both (what an
+        ActNorm's own function costs too). False if the flow computes an ActNorm's inputs
+        inside its own control flow (the function cannot return them)."""
+        start = time.perf_counter()
+        try:
+            self._function.get_concrete_function(_spec(batch))
+        except _NotTraceable:
+            return False
+        self._function(batch)
+        self.trace_seconds = time.perf_counter() - start
+        return True
+
+    def batches(self, index, source):
+        for batch, count in source.merged_batches():
+            yield self._function(batch)[index], count
+
+    def _moments(self, batch):
+        seen = [None] * len(self.calls)
+
+        def collect(bijector, data, from_outputs):
+            i = self.index.get(_key(bijector))
+            if i is not None and seen[i] is None:
+                seen[i] = _stats.moments(data, bijector.axis)
+            return []
+
+        with _Interception(collect), tf.name_scope("initialize"):
+            self.run(batch)
+        if any(m is None for m in seen):
+            raise ValueError("initialize: a later batch did not reach every ActNorm "
+                             "(a flow whose path depends on the batch?)")
+        if any(t.graph is not tf.compat.v1.get_default_graph() for m in seen for t in m):
+            raise _NotTraceable
+        return [_stats.Moments(*(tf.cast(t, _zero_moments(call.bijector).count.dtype) for t in m))
+                for m, call in zip(seen, self.calls)]
+
+
+def _spec(batch):
+    """``batch``'s spec with any batch size: merged batches and a last, smaller one
+    share the trace."""
+    return tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), batch)
 
 
 def _zero_moments(bijector):
