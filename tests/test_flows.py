@@ -231,10 +231,11 @@ def test_initialize_equals_one_batch_on_the_concatenation(rng, budget):
 
 def test_initialize_follows_the_data_whatever_init_from_says(rng, budget):
     """A bare ActNorm (data through inverse) built with the default ``init_from``:
-    ``log_prob`` alone would not initialise it; ``initialize`` does, from the inverse."""
+    ``log_prob`` alone would not initialise it; ``initialize`` does, from the inverse.
+    (Float64 numpy data for a float32 flow are converted, as ``log_prob`` converts them.)"""
     data = _data(rng, 64)
     flow, (actnorm,), _ = _bare_flow(init_from="forward")
-    tf_actnorm.initialize(flow, data, batch_size=16, verbose=0)
+    tf_actnorm.initialize(flow, data.astype("float64"), batch_size=16, verbose=0)
     reference_flow, (reference,), _ = _bare_flow(init_from="inverse")
     reference_flow.log_prob(data)
     np.testing.assert_allclose(snapshot(actnorm)[0], snapshot(reference)[0], rtol=1e-5, atol=1e-5)

@@ -17,11 +17,19 @@ How it runs, as ``initialize`` does for Keras models:
   call on that batch.
 * Otherwise, one pass over the data per ActNorm, one batch (runs of small batches
   concatenated up to 1 MiB) in memory at a time: an ActNorm's inputs depend on the
-  earlier ActNorms' final parameters. Each pass is a ``tf.function`` (traced once, not
-  per batch; ``autograph=False``) that runs the flow up to that ActNorm's first call,
-  takes the moments of its inputs there and stops (``_StopPass``), so the rest of the
-  flow is neither traced nor run. The moments of the batches are combined exactly
-  (``_stats.combine``).
+  earlier ActNorms' final parameters. The moments of the batches are combined exactly
+  (``_stats.combine``). The passes run ``tf.function`` s traced once, not per batch
+  (``autograph=False``). First one function for all passes (``_WholeFlowPasses``):
+  it runs the whole data direction and returns every ActNorm's moments, and each pass
+  keeps its own. A TFP flow's tracing is mostly Python (TFP's bookkeeping per
+  bijector call), so one trace instead of one per ActNorm saves more than running the
+  whole flow in every pass costs, unless the arithmetic is heavy: once a pass takes
+  longer than that trace did, each remaining ActNorm gets a function that runs the
+  flow up to its first call and stops there (``_StopPass``), so the rest of the flow
+  is neither traced nor run (``_Pass``).
+* Only the values are computed, never the log-determinants: for a
+  ``TransformedDistribution`` the data go through ``bijector.inverse`` (where its
+  ``log_prob`` starts), and every ActNorm meets the data there first.
 * Eager passes run on a fresh tensor (``tf.identity``): TFP's bijector cache, keyed on
   the input tensor, would otherwise answer a later pass over the same tensor object
   with outputs computed before the ActNorms were initialised.
@@ -112,14 +120,27 @@ def _data_direction(flow, direction):
                 "initialize: `direction` is for a bijector; a distribution's data direction "
                 f"is the one `log_prob(data)` takes. Got direction={direction!r} for "
                 f"{flow.name!r}")
-        return functools.partial(_log_prob_path, flow)
+        return _in_dtype(flow.dtype, functools.partial(_log_prob_path, flow))
     if direction not in DIRECTIONS:
         raise ValueError(
             f"initialize: for a bijector ({flow.name!r}), pass `direction`, the way data goes "
             "through it: \"forward\" (`bijector.forward(data)`) or \"inverse\" "
             "(`bijector.inverse(data)`, as `TransformedDistribution.log_prob` does). "
             f"Got {direction!r}")
-    return flow.forward if direction == "forward" else flow.inverse
+    return _in_dtype(flow.dtype, flow.forward if direction == "forward" else flow.inverse)
+
+
+def _in_dtype(dtype, run):
+    """``run`` on floating-point batches cast to the flow's ``dtype``, as ``log_prob``
+    converts a float64 numpy array for a float32 flow."""
+    if not isinstance(dtype, tf.dtypes.DType) or not dtype.is_floating:
+        return run
+
+    def cast_then_run(batch):
+        return run(tf.nest.map_structure(
+            lambda t: tf.cast(t, dtype) if t.dtype.is_floating else t, batch))
+
+    return cast_then_run
 
 
 def _log_prob_path(distribution, y):

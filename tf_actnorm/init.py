@@ -86,8 +86,8 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     data reach (inside nested ``tfb.Chain`` s, ``tfb.Invert``, any composite, and
     ``layer.bijector`` views of Keras layers) is initialised in the order the data
     reach it, from its inputs there after the earlier ones were initialised: one
-    pass per bijector over the data (a ``tf.function`` that stops at the bijector),
-    or one eager pass when all the data fit in 1 MiB, with the same results. Each is
+    pass per bijector over the data (compiled with ``tf.function``), or one eager
+    pass when all the data fit in 1 MiB, with the same results. Each is
     initialised in the direction the data take through it, whatever its
     ``init_from``: ``forward`` standardised for data entering ``forward``,
     ``inverse`` for data entering ``inverse``. Its sampling direction is never
