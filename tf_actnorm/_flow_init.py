@@ -2,10 +2,10 @@
 
 A flow is a distribution (its data direction is the one ``log_prob(data)`` takes) or a
 bijector with a stated direction (``forward`` or ``inverse`` on the data). Its
-``ActNormBijector`` s are found by running that direction, not by walking the
+ActNorm bijectors are found by running that direction, not by walking the
 bijector's structure: while ``initialize`` runs, every ActNormBijector call goes to an
 interceptor (``bijector._intercept``) instead of the bijector's own initialisation.
-So nested ``Chain`` s, ``Invert``, bijectors that share a Keras layer's variables
+So nested ``Chain``, ``Invert``, bijectors that share a Keras layer's variables
 (``layer.bijector``), and ActNorms inside any other composite are found, each in the
 direction the data reaches it, and ``init_from`` plays no part.
 
@@ -18,8 +18,8 @@ How it runs, as ``initialize`` does for Keras models:
 * Otherwise, one pass over the data per ActNorm, one batch (runs of small batches
   concatenated up to 1 MiB) in memory at a time: an ActNorm's inputs depend on the
   earlier ActNorms' final parameters. The moments of the batches are combined exactly
-  (``_stats.combine``). The passes run ``tf.function`` s traced once, not per batch
-  (``autograph=False``). First one function for all passes (``_WholeFlowPasses``):
+  (``_stats.combine``). The passes run functions traced once, not per batch
+  (``autograph=False``). First, one function for all passes (``_WholeFlowPasses``):
   it runs the whole data direction and returns every ActNorm's moments, and each pass
   keeps its own. A TFP flow's tracing is mostly Python (TFP's bookkeeping per
   bijector call), so one trace instead of one per ActNorm saves more than running the

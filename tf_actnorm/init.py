@@ -54,8 +54,8 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     """Initialise the ActNorm layers of ``model`` from many batches, streaming.
 
     ``model`` may also be a normalising flow: a TensorFlow Probability distribution
-    (such as a ``tfd.TransformedDistribution``) or bijector holding
-    ``ActNormBijector`` s (see "Flows" below).
+    (such as a ``tfd.TransformedDistribution``) or bijector with ``ActNormBijector``
+    bijectors in it (see "Flows" below).
 
     Every uninitialised, trainable ActNorm layer of ``model`` (nested models and
     layers are searched too) is initialised, in the order a forward pass calls
@@ -83,7 +83,7 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
 
     Flows: for a distribution, the data take the direction ``log_prob(data)`` takes;
     for a bijector, the one ``direction`` names. Every ``ActNormBijector`` that the
-    data reach (inside nested ``tfb.Chain`` s, ``tfb.Invert``, any composite, and
+    data reach (inside nested ``tfb.Chain``, ``tfb.Invert``, any composite, and
     ``layer.bijector`` views of Keras layers) is initialised in the order the data
     reach it, from its inputs there after the earlier ones were initialised: one
     pass per bijector over the data (compiled with ``tf.function``), or one eager
