@@ -13,7 +13,7 @@ from tensorflow_probability.python.bijectors import glow
 
 import tf_actnorm
 from tests.util import numpy_init, snapshot
-from tf_actnorm import _flow_init, init
+from tf_actnorm import init
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -178,23 +178,12 @@ def test_non_data_direction_warns_and_changes_nothing(rng):
     assert bool(layer.initialized.numpy())
 
 
-@pytest.fixture(params=["one-pass", "whole", "prefix"])
+@pytest.fixture(params=["one-pass", "streamed"])
 def budget(request, monkeypatch):
-    """All the data in one eager pass (data this small); or one pass per ActNorm over
-    batches read one at a time: all from one function that runs the whole flow
-    ("whole"), or, when a pass costs more than that function's trace (forced here),
-    after the first pass each from a function that stops at its ActNorm ("prefix")."""
-    if request.param != "one-pass":
+    """All the data in one eager pass (data this small), or one pass per ActNorm over
+    batches read one at a time."""
+    if request.param == "streamed":
         monkeypatch.setattr(init, "_MERGE_BYTES", 1)
-    if request.param == "prefix":
-        trace = _flow_init._WholeFlowPasses.trace
-
-        def expensive_passes(self, *args):
-            traced = trace(self, *args)
-            self.trace_seconds = 0.0
-            return traced
-
-        monkeypatch.setattr(_flow_init._WholeFlowPasses, "trace", expensive_passes)
     return request.param
 
 
@@ -208,7 +197,7 @@ def _reference_init(make_flow, data):
 def test_initialize_equals_one_batch_on_the_concatenation(rng, budget):
     data = _data(rng, 96, 4)
     flow, actnorms, _ = _glow_flow()
-    if budget != "prefix":
+    if budget == "one-pass":
         batches = tf.data.Dataset.from_tensor_slices(data).batch(32)
     else:
         batches = (data[i:i + 32] for i in range(0, 96, 32))  # one-shot: kept for 3 passes

@@ -18,15 +18,8 @@ How it runs, as ``initialize`` does for Keras models:
 * Otherwise, one pass over the data per ActNorm, one batch (runs of small batches
   concatenated up to 1 MiB) in memory at a time: an ActNorm's inputs depend on the
   earlier ActNorms' final parameters. The moments of the batches are combined exactly
-  (``_stats.combine``). The passes run functions traced once, not per batch
-  (``autograph=False``). First, one function for all passes (``_WholeFlowPasses``):
-  it runs the whole data direction and returns every ActNorm's moments, and each pass
-  keeps its own. A TFP flow's tracing is mostly Python (TFP's bookkeeping per
-  bijector call), so one trace instead of one per ActNorm saves more than running the
-  whole flow in every pass costs, unless the arithmetic is heavy: once a pass takes
-  longer than that trace did, each remaining ActNorm gets a function that runs the
-  flow up to its first call and stops there (``_StopPass``), so the rest of the flow
-  is neither traced nor run (``_Pass``).
+  (``_stats.combine``). All passes run one function, traced once (``autograph=False``),
+  that computes about the flow up to the pass's ActNorm (see ``_Passes``).
 * Only the values are computed, never the log-determinants: for a
   ``TransformedDistribution`` the data go through ``bijector.inverse`` (where its
   ``log_prob`` starts), and every ActNorm meets the data there first.
@@ -37,7 +30,6 @@ How it runs, as ``initialize`` does for Keras models:
 
 import functools
 import sys
-import time
 
 import keras
 import numpy as np
@@ -54,11 +46,6 @@ def is_flow(obj):
     tfp = sys.modules.get("tensorflow_probability")
     return tfp is not None and isinstance(
         obj, (tfp.distributions.Distribution, tfp.bijectors.Bijector))
-
-
-class _StopPass(BaseException):
-    """Ends a pass at the ActNorm being initialised. A ``BaseException``, so that an
-    ``except Exception`` in flow code cannot swallow it."""
 
 
 class _NotTraceable(BaseException):
@@ -83,30 +70,21 @@ def initialize_flow(flow, data, steps, batch_size, force, verbose, direction):
         keras.utils.Progbar(total, verbose=verbose, unit_name="batch").update(
             total, finalize=True)
         return _summary(initialised)
-    order = _call_order(flow, run, first)
-    calls = [call for call in order if force or call.needs_init()]
+    passes = _Passes(flow.name, run, first)
+    calls = [call for call in passes.order if force or call.needs_init()]
     if not calls:
         return {}
     total = None if source.num_batches is None else len(calls) * source.num_batches
     progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
     progress.update(0)
     done = 0
-    # First one function, traced once, for every pass; when a pass over the data costs
-    # more than that trace did, the remaining ActNorms get passes that stop at them.
-    whole = _WholeFlowPasses(run, calls)
-    if not whole.trace(first):
-        whole = None
-    for index, call in enumerate(calls):
-        start = time.perf_counter()
-        passes = whole.batches(index, source) if whole else _Pass(run, call).batches(source)
+    for call in calls:
         moments = _zero_moments(call.bijector)
-        for batch_moments, count in passes:
+        for batch_moments, count in passes.batches(call, source):
             moments = _stats.combine(moments, batch_moments)
             done += count
             progress.update(done)
         call.bijector._state.assign_from_moments(moments, call.from_outputs)
-        if whole and time.perf_counter() - start > whole.trace_seconds:
-            whole = None
     progress.update(done, finalize=True)
     return _summary([call.bijector for call in calls])
 
@@ -150,8 +128,12 @@ def _log_prob_path(distribution, y):
     starts its ``log_prob`` with ``bijector.inverse(y)``; so does each further
     ``TransformedDistribution`` it has as its base. Any other distribution: its
     ``log_prob``."""
-    tfd = sys.modules["tensorflow_probability"].distributions
-    while (isinstance(distribution, tfd.TransformedDistribution)
+    # TFP builds a `TransformedDistribution` whose bijector is not a composite tensor
+    # (one holding a Python function, as RealNVP does) as an instance of the base
+    # class of `tfd.TransformedDistribution`, which holds `log_prob`.
+    from tensorflow_probability.python.distributions import transformed_distribution  # noqa: PLC0415
+
+    while (isinstance(distribution, transformed_distribution._TransformedDistribution)
            and distribution.bijector._is_injective):
         y = distribution.bijector.inverse(y)
         distribution = distribution.distribution
@@ -226,26 +208,6 @@ class _FirstCall:
         return state.can_initialize() and not bool(state.initialized.numpy())
 
 
-def _call_order(flow, run, batch):
-    """Every ActNorm that ``run`` reaches, in order of its first call, as ``_FirstCall``s.
-    One eager pass on ``batch`` in which no ActNorm initialises."""
-    calls = {}
-
-    def record(bijector, data, from_outputs):
-        calls.setdefault(_key(bijector), _FirstCall(bijector, from_outputs))
-        return []
-
-    try:
-        with _Interception(record):
-            _run_eagerly(run, batch)
-    except Exception as error:
-        _add_note(error, batch)
-        raise
-    if not calls:
-        raise ValueError(f"initialize: {flow.name!r} runs no ActNormBijector on its data")
-    return list(calls.values())
-
-
 def _add_note(error, batch):
     if hasattr(error, "add_note"):  # Python 3.11+
         shapes = tf.nest.map_structure(lambda t: tuple(t.shape), batch)
@@ -278,122 +240,88 @@ class _OnePass:
     def _initialize(self, bijector, data, from_outputs):
         key = _key(bijector)
         if key in self.seen:
-            return []
+            return [], data
         call = self.seen[key] = _FirstCall(bijector, from_outputs)
         if not (self.force or call.needs_init()):
-            return []
+            return [], data
         self.initialised.append(call)
         moments = _stats.moments(data, bijector.axis)
-        return [bijector._state.assign_from_moments(moments, from_outputs)]
+        return [bijector._state.assign_from_moments(moments, from_outputs)], data
 
 
-class _Pass:
-    """One ActNorm's pass: a ``tf.function`` (traced once, not per batch) that runs the
-    flow's data direction up to the ActNorm's first call and returns the moments of its
-    inputs there. ActNorms before it read their variables, already assigned by the
-    earlier passes. An ActNorm called inside the flow's own control flow (a
-    ``tf.while_loop`` body) cannot hand its moments out of that graph: its pass then
-    runs eagerly (slower, same result)."""
+class _Passes:
+    """Every ActNorm's pass from one ``tf.function``, traced once for all of them (not
+    per ActNorm, not per batch): ``(batch, target)`` -> the moments of each ActNorm's
+    inputs at its first call, of which only those of ``order[target]`` count rows.
+    ActNorms before the target read their variables, already assigned by the earlier
+    passes. Tracing also finds the ActNorms, in the order the data first reach them
+    (``order``: ``_FirstCall`` s).
 
-    def __init__(self, run, call):
-        self.run, self.call = run, call
-        self.key = _key(call.bijector)
-        # reduce_retracing: a last, smaller batch reuses the trace.
-        self._function = tf.function(self._moments, reduce_retracing=True, autograph=False)
+    The function runs the whole data direction, but from the target on, on an empty
+    batch: each ActNorm's call passes on its input sliced to all rows before the
+    target and to none from the target on, and takes the moments of its input sliced
+    to all rows in its own pass and to none in the others (``tf.where`` on the
+    target, no ``tf.cond``). So a pass computes about the flow up to its ActNorm, and
+    the flow is traced once: a TFP flow's tracing is mostly Python (TFP's bookkeeping
+    per bijector call), which one function per ActNorm would repeat for each.
 
-    def batches(self, source):
-        """``(moments, n)`` for each run of ``n`` batches of ``source``."""
-        step = None
-        for batch, count in source.merged_batches():
-            if step is None:
-                step = self._traced_or_eager(batch)
-            yield step(batch), count
+    An ActNorm called inside the flow's own control flow (a ``tf.while_loop`` body)
+    cannot hand its moments out of that graph: the passes then run eagerly (slower,
+    same result)."""
 
-    def _traced_or_eager(self, batch):
+    def __init__(self, name, run, batch):
+        self.run = run
+        self.order, self._index = [], {}
+        self._step = tf.function(self._moments, reduce_retracing=True, autograph=False)
         try:
-            self._function.get_concrete_function(_spec(batch))
+            # Any batch size: merged batches and a last, smaller one share the trace.
+            self._step.get_concrete_function(_spec(batch), tf.TensorSpec([], tf.int32))
         except _NotTraceable:
-            return self._eager_moments
-        return self._function
+            self._step = self._eager_moments
+        except Exception as error:
+            _add_note(error, batch)
+            raise
+        if not self.order:
+            raise ValueError(f"initialize: {name!r} runs no ActNormBijector on its data")
 
-    def _eager_moments(self, batch):
-        return self._moments(_fresh(batch))
+    def batches(self, call, source):
+        """``(moments of call's inputs, n)`` for each run of ``n`` batches of ``source``."""
+        target = self.order.index(call)
+        index = tf.constant(target, tf.int32)
+        for batch, count in source.merged_batches():
+            yield self._step(batch, index)[target], count
 
-    def _moments(self, batch):
-        seen = []
+    def _eager_moments(self, batch, target):
+        return self._moments(_fresh(batch), target)
+
+    def _moments(self, batch, target):
+        seen = {}
 
         def collect(bijector, data, from_outputs):
-            if _key(bijector) == self.key:
-                seen.append(_stats.moments(data, bijector.axis))
-                raise _StopPass
-            return []
-
-        try:
-            with _Interception(collect), tf.name_scope("initialize"):
-                self.run(batch)
-        except _StopPass:
-            pass
-        if not seen:
-            raise ValueError(
-                f"initialize: {self.call.bijector.name!r} was not reached by a later batch "
-                "(a flow whose path depends on the batch?)")
-        if not tf.executing_eagerly() and any(
-                t.graph is not tf.compat.v1.get_default_graph() for t in seen[0]):
-            raise _NotTraceable
-        zero = _zero_moments(self.call.bijector)
-        return _stats.Moments(*(tf.cast(t, zero.count.dtype) for t in seen[0]))
-
-
-class _WholeFlowPasses:
-    """Every ActNorm's pass from one ``tf.function``, traced once: it runs the whole data
-    direction and returns the moments of each ActNorm's inputs at its first call. Pass
-    ``index`` keeps the moments of ``calls[index]``, whose inputs the earlier passes'
-    assignments have made final (ActNorms read their variables when the function runs).
-    Each pass runs the whole flow, but the flow is traced once instead of once per
-    ActNorm: for a flow whose Python (TFP's bookkeeping) costs more than its arithmetic,
-    much cheaper."""
-
-    def __init__(self, run, calls):
-        self.run, self.calls = run, calls
-        self.index = {_key(call.bijector): i for i, call in enumerate(calls)}
-        self.trace_seconds = None
-        self._function = tf.function(self._moments, reduce_retracing=True, autograph=False)
-
-    def trace(self, batch):
-        """Traces for batches like ``batch`` and runs it once, timing both (what an
-        ActNorm's own function costs too). False if the flow computes an ActNorm's inputs
-        inside its own control flow (the function cannot return them)."""
-        start = time.perf_counter()
-        try:
-            self._function.get_concrete_function(_spec(batch))
-        except _NotTraceable:
-            return False
-        self._function(batch)
-        self.trace_seconds = time.perf_counter() - start
-        return True
-
-    def batches(self, index, source):
-        for batch, count in source.merged_batches():
-            yield self._function(batch)[index], count
-
-    def _moments(self, batch):
-        seen = [None] * len(self.calls)
-
-        def collect(bijector, data, from_outputs):
-            i = self.index.get(_key(bijector))
-            if i is not None and seen[i] is None:
-                seen[i] = _stats.moments(data, bijector.axis)
-            return []
+            key = _key(bijector)
+            if key not in self._index:  # while tracing: the order of first calls
+                self._index[key] = len(self.order)
+                self.order.append(_FirstCall(bijector, from_outputs))
+            index = self._index[key]
+            if index in seen:
+                return [], data
+            rows = tf.shape(data)[0]
+            seen[index] = _stats.moments(data[:tf.where(tf.equal(target, index), rows, 0)],
+                                         bijector.axis)
+            return [], data[:tf.where(target > index, rows, 0)]
 
         with _Interception(collect), tf.name_scope("initialize"):
             self.run(batch)
-        if any(m is None for m in seen):
+        if len(seen) != len(self.order):
             raise ValueError("initialize: a later batch did not reach every ActNorm "
                              "(a flow whose path depends on the batch?)")
-        if any(t.graph is not tf.compat.v1.get_default_graph() for m in seen for t in m):
+        if not tf.executing_eagerly() and any(
+                t.graph is not tf.compat.v1.get_default_graph()
+                for moments in seen.values() for t in moments):
             raise _NotTraceable
-        return [_stats.Moments(*(tf.cast(t, _zero_moments(call.bijector).count.dtype) for t in m))
-                for m, call in zip(seen, self.calls)]
+        return [_stats.Moments(*(tf.cast(t, _zero_moments(call.bijector).count.dtype)
+                                 for t in seen[i]))
+                for i, call in enumerate(self.order)]
 
 
 def _spec(batch):

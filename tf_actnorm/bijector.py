@@ -18,7 +18,7 @@ INIT_FROM = ("forward", "inverse", "either")
 
 # While `tf_actnorm.initialize` streams data through a flow, it sees every ActNormBijector
 # call instead of the bijector's own initialisation: `_intercept(bijector, data,
-# from_outputs)` returns a list of ops to run first (and may end the pass by raising).
+# from_outputs)` returns the ops to run first and the tensor that the call transforms.
 _intercept = None
 
 
@@ -269,22 +269,23 @@ class ActNormBijector(tfp.bijectors.Bijector):
         return tf.reduce_prod(tf.shape(x)[rank - event_ndims:rank - low])
 
     def _init_then(self, data, from_outputs, fn, value_call=True):
-        """``fn()``, after initialising from ``data`` if this call may initialise.
+        """``fn(data)``, after initialising from ``data`` if this call may initialise.
 
         ``from_outputs``: the call is in the inverse direction (``data`` are outputs).
         ``value_call``: ``forward``/``inverse``, not a log-det.
         """
         if _intercept is not None:  # tf_actnorm.initialize is streaming data through
-            with tf.control_dependencies(_intercept(self, data, from_outputs)):
-                return fn()
+            ops, data = _intercept(self, data, from_outputs)
+            with tf.control_dependencies(ops):
+                return fn(data)
         if self._init_from == "either" or (
                 value_call and from_outputs == (self._init_from == "inverse")):
             initialized = self._state.maybe_initialize(data, from_outputs=from_outputs)
             with tf.control_dependencies([initialized]):
-                return fn()
+                return fn(data)
         if value_call and from_outputs != (self._init_from == "inverse"):
             self._warn_if_uninitialized("inverse" if from_outputs else "forward")
-        return fn()
+        return fn(data)
 
     def _warn_if_uninitialized(self, direction):
         """Warns that a call in the direction that does not initialise found the
@@ -309,17 +310,17 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
     def _forward(self, x):
         return self._init_then(
-            x, False, lambda: _math.forward(x, self.bias, self.log_scale, self._axis))
+            x, False, lambda t: _math.forward(t, self.bias, self.log_scale, self._axis))
 
     def _inverse(self, y):
         return self._init_then(
-            y, True, lambda: _math.inverse(y, self.bias, self.log_scale, self._axis))
+            y, True, lambda t: _math.inverse(t, self.bias, self.log_scale, self._axis))
 
     def _forward_log_det_jacobian(self, x):
-        return self._init_then(x, False, lambda: self._event_log_det(x), value_call=False)
+        return self._init_then(x, False, self._event_log_det, value_call=False)
 
     def _inverse_log_det_jacobian(self, y):
-        return self._init_then(y, True, lambda: -self._event_log_det(y), value_call=False)
+        return self._init_then(y, True, lambda t: -self._event_log_det(t), value_call=False)
 
     def _event_log_det(self, x):
         # Positions sharing a channel inside the minimal event; TFP multiplies by the
