@@ -54,16 +54,19 @@ class ActNormBijector(tfp.bijectors.Bijector):
       ``ActivationNormalization`` behaviour. In a flow, ``flow.sample()`` before
       training then initialises from the flow's own samples.
 
-    A bijector cannot tell whether a call carries data or samples, so the default
-    never initialises from the sampling direction of the documented flow recipe: a
-    call in the other direction while uninitialised runs with the current,
+    Why an explicit direction: a bijector cannot tell whether a call carries data or
+    the flow's own samples, and "the first call decides" lets ``flow.sample()``
+    before training initialise from samples. So only the ``init_from`` direction's
+    value call (``forward`` or ``inverse``) initialises. A value call in the other
+    direction while uninitialised (e.g. sampling the untrained flow) runs with the
     never-initialised parameters (the identity for a new bijector), changes nothing,
-    and warns (``UserWarning``, once per bijector and direction), so that sampling an
-    untrained flow works and leaves initialisation to the data. Log-dets never
-    initialise in ``"forward"``/``"inverse"`` mode (``TransformedDistribution`` calls
-    the value first). ``tf_actnorm.initialize(flow, data)`` initialises every ActNorm
-    of a flow from many batches, whatever ``init_from`` says: it follows the data
-    through ``log_prob``.
+    and warns (a ``UserWarning``; inside a ``tf.function``, when traced); the first
+    call on data then initialises, as it would have without the sampling.
+    Log-determinants never initialise, except with ``"either"``
+    (``TransformedDistribution.log_prob`` calls the value first).
+    ``tf_actnorm.initialize(flow, data)`` initialises every ActNorm of a flow from
+    many batches, whatever ``init_from`` says: it follows the data through
+    ``log_prob``.
 
     Two ways to build one: ``ActNormBijector(num_channels, ...)`` owns its
     variables; ``ActNormBijector.from_layer(layer)`` (or ``layer.bijector``) shares a
