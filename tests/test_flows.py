@@ -281,3 +281,35 @@ def test_refusals_and_progress_bar(rng, capsys, monkeypatch):
     unknown = tf.data.Dataset.from_tensor_slices(_data(rng, 64, 4)).batch(32).filter(lambda x: True)
     tf_actnorm.initialize(_glow_flow()[0], unknown)
     assert re.search(r"\b6/Unknown", capsys.readouterr().out)
+
+
+class _Looped(tfb.Bijector):
+    """``inner.forward`` inside a ``tf.while_loop`` (one iteration): in a traced
+    function the ActNorm's inputs live in the loop body's graph."""
+
+    def __init__(self, inner):
+        parameters = dict(locals())
+        self.inner = inner
+        super().__init__(forward_min_event_ndims=1, parameters=parameters, name="looped")
+
+    def _forward(self, x):
+        return tf.while_loop(lambda i, y: i < 1, lambda i, y: (i + 1, self.inner.forward(y)),
+                             (0, x))[1]
+
+
+def test_an_actnorm_inside_the_flows_own_loop_is_initialised_eagerly(rng, monkeypatch):
+    """Its moments cannot leave the loop's graph: the passes run eagerly, same result."""
+    monkeypatch.setattr(init, "_MERGE_BYTES", 1)
+    data = _data(rng, 64)
+
+    def chain():
+        first, second = tf_actnorm.ActNormBijector(2), tf_actnorm.ActNormBijector(2)
+        return tfb.Chain([_Looped(second), tfb.Exp(), first]), [first, second]
+
+    looped, actnorms = chain()
+    tf_actnorm.initialize(looped, data, batch_size=16, direction="forward", verbose=0)
+    reference, reference_actnorms = chain()
+    reference.forward(data)  # one batch made of all of them, first calls initialise
+    for ours, theirs in zip(_actnorm_state(actnorms), _actnorm_state(reference_actnorms)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert all(bool(a.initialized.numpy()) for a in actnorms)

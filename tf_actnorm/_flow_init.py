@@ -170,7 +170,8 @@ def _key(bijector):
 
 class _Interception:
     """While active, every ActNormBijector call goes to ``hook(bijector, data,
-    from_outputs)``, which returns ops to run before the call's own."""
+    from_outputs)``, which returns the ops to run before the call and the tensor that
+    the call then transforms."""
 
     def __init__(self, hook):
         self.hook = hook
