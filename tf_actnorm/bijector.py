@@ -90,14 +90,14 @@ class ActNormBijector(tfp.bijectors.Bijector):
             (``-1`` channels-last, ``-3`` for a channels-first ``[C, H, W]`` image).
             ``forward_min_event_ndims`` is ``-axis``.
         epsilon: Small float added to the standard deviation at initialisation.
-        init_from: ``"forward"`` (default), ``"inverse"`` or ``"either"``: the
-            direction whose first call initialises (see above).
         validate_args: Python bool; adds checks that the parameters are finite.
             (Initialisation always checks its data: empty or non-finite batches
             raise ``InvalidArgumentError`` and leave the variables unchanged.
             Under XLA, which drops assertions, neither builds any.)
         dtype: Dtype of the variables (standalone only).
         name: Python str name.
+        init_from: ``"forward"`` (default), ``"inverse"`` or ``"either"``: the
+            direction whose first call initialises (see above).
 
     Example:
 
