@@ -31,7 +31,8 @@ def _coupling(dim, seed, rows=None):
     ``rows``: a variable that counts the rows the net computes (at run time)."""
     net = keras.Sequential([
         keras.layers.Dense(8, activation="tanh", kernel_initializer=keras.initializers.GlorotUniform(seed)),
-        keras.layers.Dense(2 * (dim - dim // 2), kernel_initializer=keras.initializers.GlorotUniform(seed + 1))])
+        keras.layers.Dense(2 * (dim - dim // 2),
+                           kernel_initializer=keras.initializers.GlorotUniform(seed + 1))])
     net.build((None, dim // 2))
 
     def fn(x, output_units):
@@ -57,7 +58,8 @@ def _readme_flow():
 
 def _invert_flow():
     actnorm = tf_actnorm.ActNormBijector(2)
-    return tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(actnorm)), [actnorm], []
+    flow = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(actnorm))
+    return flow, [actnorm], []
 
 
 def _bare_flow(init_from="inverse"):
@@ -157,7 +159,8 @@ def test_non_data_direction_warns_and_changes_nothing(rng):
     bijector = tf_actnorm.ActNormBijector(3, name="warned")
     x = rng.normal(size=(8, 3)).astype("float32") * 5 + 2
     before = snapshot(bijector)
-    with pytest.warns(UserWarning, match=r"'warned' was called in the inverse direction.*init_from='inverse'"):
+    message = r"'warned' was called in the inverse direction.*init_from='inverse'"
+    with pytest.warns(UserWarning, match=message):
         np.testing.assert_allclose(bijector.inverse(x).numpy(), x)  # the identity
     with pytest.warns(UserWarning, match="inverse direction"):
         tf.function(bijector.inverse)(tf.constant(x))  # at trace time too
@@ -313,3 +316,19 @@ def test_an_actnorm_inside_the_flows_own_loop_is_initialised_eagerly(rng, monkey
     for ours, theirs in zip(_actnorm_state(actnorms), _actnorm_state(reference_actnorms)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     assert all(bool(a.initialized.numpy()) for a in actnorms)
+
+
+def test_frozen_layer_bijectors_are_left_alone_unless_forced(rng):
+    data = _data(rng, 64)
+    layer = tf_actnorm.ActNorm(name="frozen_an")
+    layer.build((None, 2))
+    layer.trainable = False
+    standalone = tf_actnorm.ActNormBijector(2, name="free_an")
+    flow = tfd.TransformedDistribution(  # data -> standalone -> layer's bijector -> base
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain([layer.bijector, standalone])))
+    assert list(tf_actnorm.initialize(flow, data, verbose=0)) == ["free_an"]
+    assert not bool(layer.initialized.numpy())
+    assert list(tf_actnorm.initialize(flow, data, force=True, verbose=0)) == ["free_an", "frozen_an"]
+    bias, log_scale = numpy_init(standalone.forward(data).numpy())  # the layer's inputs
+    np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)
