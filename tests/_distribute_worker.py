@@ -99,7 +99,7 @@ def _single_device_init(x, from_outputs=False):
     import tf_actnorm
 
     if from_outputs:
-        bijector = tf_actnorm.ActNormBijector(CHANNELS)
+        bijector = tf_actnorm.ActNormBijector(CHANNELS, init_from="inverse")
         bijector.inverse(x)
         params = bijector
     else:
@@ -407,7 +407,7 @@ def bijector_in_replica_context(strategy, steps, rank, local, direction="forward
             layer.build((None, *EXAMPLE_SHAPE[rank]))
             bijector = layer.bijector
         else:
-            bijector = tf_actnorm.ActNormBijector(CHANNELS)
+            bijector = tf_actnorm.ActNormBijector(CHANNELS, init_from=direction)
 
     @tf.function
     def step(x):

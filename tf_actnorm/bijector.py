@@ -1,14 +1,25 @@
 """ActNorm as a TensorFlow Probability bijector."""
 
+import warnings
+
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tensorflow.python.saved_model import save_context
 from tensorflow_probability.python.internal import parameter_properties
 
 from tf_actnorm import _checks
 from tf_actnorm import _math
 from tf_actnorm import _state
+
+
+INIT_FROM = ("forward", "inverse", "either")
+
+# While `tf_actnorm.initialize` streams data through a flow, it sees every ActNormBijector
+# call instead of the bijector's own initialisation: `_intercept(bijector, data,
+# from_outputs)` returns the ops to run first and the tensor that the call transforms.
+_intercept = None
 
 
 class ActNormBijector(tfp.bijectors.Bijector):
@@ -26,13 +37,36 @@ class ActNormBijector(tfp.bijectors.Bijector):
     (1 for a ``[C]`` event, ``H * W`` for an ``[H, W, C]`` event). The Jacobian is
     constant in ``X``, and the log-determinant costs O(C).
 
-    Data-dependent initialisation: while uninitialised, the first ``forward`` (or
-    forward log-det) standardises its input, i.e. sets ``b = -mean``,
-    ``s = 1 / (std + epsilon)`` from that batch; the first ``inverse`` (or inverse
-    log-det) instead makes ``inverse(Y)`` standardised: ``s = std(Y) + epsilon``,
-    ``b = mean(Y) / s``. This matches TFP's glow ``ActivationNormalization``. Put it in
-    a flow as ``tfb.Invert(ActNormBijector(...))`` inside a ``TransformedDistribution``
-    and the first ``log_prob(data)`` standardises the data.
+    Data-dependent initialisation, from the direction named by ``init_from``:
+
+    * ``"forward"`` (default): the first ``forward`` call standardises its input, i.e.
+      sets ``b = -mean``, ``s = 1 / (std + epsilon)`` from that batch. This is the
+      layer's and Glow's direction (data in, normalised data out). In a
+      ``TransformedDistribution``, put it in ``tfb.Invert(...)`` (as in
+      ``tfb.Invert(tfb.Chain([..., ActNormBijector(c)]))``): ``log_prob(data)`` then
+      runs it forward on the data, and ``sample()`` runs it inverse.
+    * ``"inverse"``: the first ``inverse`` call makes its output standardised,
+      ``s = std(Y) + epsilon``, ``b = mean(Y) / s``: for a bijector that data reaches
+      through ``inverse``, such as one used without ``tfb.Invert`` in a
+      ``TransformedDistribution`` (``log_prob`` calls the bijector's inverse).
+    * ``"either"``: whichever of the four entry points (``forward``, ``inverse``,
+      their log-dets) comes first initialises, in its direction: TFP's glow
+      ``ActivationNormalization`` behaviour. In a flow, ``flow.sample()`` before
+      training then initialises from the flow's own samples.
+
+    Why an explicit direction: a bijector cannot tell whether a call carries data or
+    the flow's own samples, and "the first call decides" lets ``flow.sample()``
+    before training initialise from samples. So only the ``init_from`` direction's
+    value call (``forward`` or ``inverse``) initialises. A value call in the other
+    direction while uninitialised (e.g. sampling the untrained flow) runs with the
+    never-initialised parameters (the identity for a new bijector), changes nothing,
+    and warns (a ``UserWarning``; inside a ``tf.function``, when traced); the first
+    call on data then initialises, as it would have without the sampling.
+    Log-determinants never initialise, except with ``"either"``
+    (``TransformedDistribution.log_prob`` calls the value first).
+    ``tf_actnorm.initialize(flow, data)`` initialises every ActNorm of a flow from
+    many batches, whatever ``init_from`` says: it follows the data through
+    ``log_prob``.
 
     Two ways to build one: ``ActNormBijector(num_channels, ...)`` owns its
     variables; ``ActNormBijector.from_layer(layer)`` (or ``layer.bijector``) shares a
@@ -62,6 +96,8 @@ class ActNormBijector(tfp.bijectors.Bijector):
             Under XLA, which drops assertions, neither builds any.)
         dtype: Dtype of the variables (standalone only).
         name: Python str name.
+        init_from: ``"forward"`` (default), ``"inverse"`` or ``"either"``: the
+            direction whose first call initialises (see above).
 
     Example:
 
@@ -69,13 +105,18 @@ class ActNormBijector(tfp.bijectors.Bijector):
     flow = tfd.TransformedDistribution(
         tfd.MultivariateNormalDiag(tf.zeros(2)),
         bijector=tfb.Invert(tf_actnorm.ActNormBijector(2)))
-    flow.log_prob(data)  # first call initialises from `data`
+    flow.sample(8)        # inverse direction: no initialisation (a warning)
+    flow.log_prob(data)   # forward on `data`: the first call initialises from it
     ```
     """
 
     def __init__(self, num_channels=None, axis=-1, epsilon=1e-6, validate_args=False,
-                 dtype=tf.float32, name="act_norm", _state=None):
+                 dtype=tf.float32, name="act_norm", init_from="forward", _state=None):
         parameters = dict(locals())
+        if init_from not in INIT_FROM:
+            raise ValueError(
+                f"{name}: `init_from` must be one of {', '.join(map(repr, INIT_FROM))}, "
+                f"got {init_from!r}")
         if not isinstance(axis, int) or axis >= 0:
             raise ValueError(
                 f"{name}: `axis` must be a negative int counted from the end of the event, got {axis!r}")
@@ -99,6 +140,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
             self._residuals = _state.residuals
             self._axis = axis
             self._epsilon = epsilon
+            self._init_from = init_from
             super().__init__(
                 forward_min_event_ndims=-axis,
                 is_constant_jacobian=True,
@@ -108,8 +150,11 @@ class ActNormBijector(tfp.bijectors.Bijector):
                 name=scope_name)
 
     @classmethod
-    def from_layer(cls, layer, validate_args=False, name=None):
-        """A bijector sharing a built ``ActNorm`` layer's variables."""
+    def from_layer(cls, layer, validate_args=False, name=None, init_from="forward"):
+        """A bijector sharing a built ``ActNorm`` layer's variables.
+
+        ``init_from`` as for the constructor; the default, ``"forward"``, is the
+        layer's own direction (its calls standardise their inputs)."""
         if not layer.built:
             raise ValueError(
                 f"{layer.name}: build the layer (call it once, or `layer.build(shape)`) "
@@ -120,7 +165,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
         state.can_initialize = lambda: layer.trainable  # a frozen layer never changes
         return cls(num_channels=int(layer.initial_bias.shape[0]), axis=state.axis,
                    epsilon=layer.epsilon, validate_args=validate_args,
-                   name=name or layer.name, _state=state)
+                   name=name or layer.name, init_from=init_from, _state=state)
 
     @property
     def bias(self):
@@ -137,6 +182,11 @@ class ActNormBijector(tfp.bijectors.Bijector):
     @property
     def axis(self):
         return self._axis
+
+    @property
+    def init_from(self):
+        """The direction whose first call initialises: "forward", "inverse" or "either"."""
+        return self._init_from
 
     def reset_initialization(self):
         """Re-arm data-dependent initialisation."""
@@ -221,23 +271,59 @@ class ActNormBijector(tfp.bijectors.Bijector):
             return None
         return tf.reduce_prod(tf.shape(x)[rank - event_ndims:rank - low])
 
-    def _init_then(self, data, from_outputs, fn):
-        with tf.control_dependencies([self._state.maybe_initialize(data, from_outputs=from_outputs)]):
-            return fn()
+    def _init_then(self, data, from_outputs, fn, value_call=True):
+        """``fn(data)``, after initialising from ``data`` if this call may initialise.
+
+        ``from_outputs``: the call is in the inverse direction (``data`` are outputs).
+        ``value_call``: ``forward``/``inverse``, not a log-det.
+        """
+        if _intercept is not None:  # tf_actnorm.initialize is streaming data through
+            ops, data = _intercept(self, data, from_outputs)
+            with tf.control_dependencies(ops):
+                return fn(data)
+        if self._init_from == "either" or (
+                value_call and from_outputs == (self._init_from == "inverse")):
+            initialized = self._state.maybe_initialize(data, from_outputs=from_outputs)
+            with tf.control_dependencies([initialized]):
+                return fn(data)
+        if value_call and from_outputs != (self._init_from == "inverse"):
+            self._warn_if_uninitialized("inverse" if from_outputs else "forward")
+        return fn(data)
+
+    def _warn_if_uninitialized(self, direction):
+        """Warns that a call in the direction that does not initialise found the
+        bijector uninitialised (read now, or at trace time inside a function)."""
+        if save_context.in_save_context() or not self._state.can_initialize():
+            return
+        with tf.init_scope():
+            if bool(self._state.initialized.numpy()):
+                return
+        warnings.warn(
+            f"ActNormBijector '{self.name}' was called in the {direction} direction before "
+            f"initialisation (init_from={self._init_from!r}): it runs with its "
+            "never-initialised parameters (the identity for a new bijector) and does not "
+            f"initialise from these values. Initialise it from data first: "
+            "`tf_actnorm.initialize(flow, data)`, or a call in the "
+            f"{'forward' if direction == 'inverse' else 'inverse'} direction on data. If data "
+            f"reaches this bijector through {direction} (e.g. it is used without tfb.Invert "
+            f"in a TransformedDistribution, whose log_prob calls the inverse), build it with "
+            f"init_from={direction!r}; init_from='either' initialises from whichever "
+            "direction comes first (TFP's glow ActivationNormalization).",
+            UserWarning, stacklevel=2)
 
     def _forward(self, x):
         return self._init_then(
-            x, False, lambda: _math.forward(x, self.bias, self.log_scale, self._axis))
+            x, False, lambda t: _math.forward(t, self.bias, self.log_scale, self._axis))
 
     def _inverse(self, y):
         return self._init_then(
-            y, True, lambda: _math.inverse(y, self.bias, self.log_scale, self._axis))
+            y, True, lambda t: _math.inverse(t, self.bias, self.log_scale, self._axis))
 
     def _forward_log_det_jacobian(self, x):
-        return self._init_then(x, False, lambda: self._event_log_det(x))
+        return self._init_then(x, False, self._event_log_det, value_call=False)
 
     def _inverse_log_det_jacobian(self, y):
-        return self._init_then(y, True, lambda: -self._event_log_det(y))
+        return self._init_then(y, True, lambda t: -self._event_log_det(t), value_call=False)
 
     def _event_log_det(self, x):
         # Positions sharing a channel inside the minimal event; TFP multiplies by the

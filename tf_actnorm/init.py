@@ -50,8 +50,12 @@ from tf_actnorm import _stats
 from tf_actnorm.layer import ActNorm
 
 
-def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
+def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, direction=None):
     """Initialise the ActNorm layers of ``model`` from many batches, streaming.
+
+    ``model`` may also be a normalising flow: a TensorFlow Probability distribution
+    (such as a ``tfd.TransformedDistribution``) or bijector with ``ActNormBijector``
+    bijectors in it (see "Flows" below).
 
     Every uninitialised, trainable ActNorm layer of ``model`` (nested models and
     layers are searched too) is initialised, in the order a forward pass calls
@@ -77,8 +81,22 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
     the statistics; a model whose inference output depends on which examples share a
     batch would see larger batches.
 
+    Flows: for a distribution, the data take the direction ``log_prob(data)`` takes;
+    for a bijector, the one ``direction`` names. Every ``ActNormBijector`` that the
+    data reach (inside nested ``tfb.Chain``, ``tfb.Invert``, any composite, and
+    ``layer.bijector`` views of Keras layers) is initialised in the order the data
+    reach it, from its inputs there after the earlier ones were initialised: one
+    pass per bijector over the data (compiled with ``tf.function``), or one eager
+    pass when all the data fit in 1 MiB, with the same results. Each is
+    initialised in the direction the data take through it, whatever its
+    ``init_from``: ``forward`` standardised for data entering ``forward``,
+    ``inverse`` for data entering ``inverse``. Its sampling direction is never
+    used. (Keras ``ActNorm`` layers called inside a flow's networks are not
+    included: they initialise on their first training call.)
+
     Args:
-        model: A Keras model or layer.
+        model: A Keras model or layer, or a TensorFlow Probability distribution or
+            bijector (a flow).
         data: The batches. A ``tf.data.Dataset`` (re-iterated for each layer), a
             numpy array or tensor (split into ``batch_size`` batches), a re-iterable
             collection of batches (such as a list), or a one-shot iterator or
@@ -95,24 +113,39 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1):
             was frozen). Without it both are left untouched.
         verbose: 1 shows a Keras ``Progbar`` counting layers x batches (a count
             without a total when the number of batches is unknown), 0 is silent.
+        direction: For a bijector only, and required there: ``"forward"`` if the data
+            go through ``bijector.forward``, ``"inverse"`` if through
+            ``bijector.inverse`` (as ``TransformedDistribution.log_prob`` sends them).
 
     Returns:
         A dict mapping each initialised layer's name to
-        ``{"mean_abs_bias": float, "mean_scale": float}``.
+        ``{"mean_abs_bias": float, "mean_scale": float}`` (for a flow, each bijector's
+        name, made unique in data order: ``act_norm``, ``act_norm_1``, ...).
 
     Raises:
         ValueError: ``steps`` is missing for an infinite dataset, ``data`` yields
-            no batches or looks unbatched, or ``model`` has no ActNorm layer.
+            no batches or looks unbatched, or ``model`` has no ActNorm layer (a flow:
+            its data reach no ActNormBijector); ``direction`` is missing for a
+            bijector or given for anything else.
 
     Example:
 
     ```python
     summary = tf_actnorm.initialize(model, train_dataset, steps=16)
     model.fit(train_dataset)  # ActNorm does not initialise again
+    tf_actnorm.initialize(flow, train_dataset, steps=16)  # a TransformedDistribution
     ```
     """
     if steps is not None and (not isinstance(steps, (int, np.integer)) or steps < 1):
         raise ValueError(f"initialize: `steps` must be a positive integer or None, got {steps!r}")
+    from tf_actnorm import _flow_init  # noqa: PLC0415 (it imports `_Source` from here)
+
+    if _flow_init.is_flow(model):
+        return _flow_init.initialize_flow(model, data, steps, batch_size, force, verbose,
+                                          direction)
+    if direction is not None:
+        raise ValueError("initialize: `direction` is for a bijector; got direction="
+                         f"{direction!r} for {getattr(model, 'name', model)!r}")
     source = _Source(data, steps, batch_size)
     first = source.first()
     _check_batched(model, first)
