@@ -103,8 +103,27 @@ def _is_traced(tensor):
     return isinstance(tensor, jax.core.Tracer)
 
 
+def known_initialized(layer):
+    """The flag's value if it is concrete now (eager), False while it is traced."""
+    initialized = ops.convert_to_tensor(layer.initialized)
+    return False if _is_traced(initialized) else bool(initialized)
+
+
+def run_if(condition, fn):
+    """Call ``fn()`` (a Python side effect) if the bool tensor ``condition`` is true: now
+    when it is concrete, else from a host callback when the traced step runs with it true."""
+    if not _is_traced(condition):
+        if bool(condition):
+            fn()
+        return
+    import jax  # noqa: PLC0415 (only JAX traces here)
+
+    jax.lax.cond(condition, lambda: jax.debug.callback(fn), lambda: None)
+
+
 def maybe_initialize(layer, inputs, mask, training):
-    """Initialise ``layer`` from ``inputs`` unless it is initialised (see the module doc)."""
+    """Initialise ``layer`` from ``inputs`` unless it is initialised (see the module doc).
+    Returns a bool tensor: whether this call initialised it."""
     initialized = ops.convert_to_tensor(layer.initialized)
     needed = ops.logical_not(initialized)
     if training is not True:
@@ -142,3 +161,4 @@ def maybe_initialize(layer, inputs, mask, training):
         # Eager: nothing was assigned (`valid` is False); say why.
         problem = "an empty batch" if not bool(has_data) else "data containing NaN or Inf"
         raise ValueError(f"{layer.name}: cannot initialise from {problem}")
+    return valid

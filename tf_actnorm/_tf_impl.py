@@ -22,7 +22,21 @@ def state(layer):
 
 
 def maybe_initialize(layer, inputs, mask, training):
-    layer._state.maybe_initialize(inputs, mask, enabled=training)
+    """Initialise unless initialised; returns the flag after the call (a bool tensor)."""
+    return layer._state.maybe_initialize(inputs, mask, enabled=training)
+
+
+def known_initialized(layer):
+    """The flag's current value, also while a function is traced (read outside it)."""
+    with tf.init_scope():
+        return bool(layer.initialized.value.numpy())
+
+
+def run_if(condition, fn):
+    """Call ``fn()`` (a Python side effect) if ``condition`` holds: eagerly, from its value;
+    while tracing, now (the caller traces a step that may initialise)."""
+    if not tf.executing_eagerly() or bool(condition):
+        fn()
 
 
 def log_det(log_scale, inputs, mask, axis):
