@@ -5,7 +5,8 @@ Every name is imported on first use, so ``import tf_actnorm`` imports no framewo
 
 * ``ActNorm``: the Keras layer (the TensorFlow, JAX and PyTorch Keras backends;
   extras ``tensorflow``, ``jax`` or ``torch``).
-* ``ActNormBijector`` (TensorFlow Probability) and ``initialize``: extra ``tensorflow``.
+* ``initialize``: multi-batch initialisation (any of those backends).
+* ``ActNormBijector`` (TensorFlow Probability): extra ``tensorflow``.
 * ``tf_actnorm.torch.ActNorm``: a plain ``torch.nn.Module`` (extra ``torch``; no Keras).
 """
 
@@ -18,7 +19,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "ActNorm": ("tf_actnorm.layer", "a Keras backend: tensorflow, jax or torch"),
     "ActNormBijector": ("tf_actnorm.bijector", "tensorflow"),
-    "initialize": ("tf_actnorm.init", "tensorflow"),
+    "initialize": ("tf_actnorm.init", "a Keras backend: tensorflow, jax or torch"),
 }
 
 

@@ -144,12 +144,7 @@ def _channel_shape(rank, axis):
 
 def combine(a, b):
     """Moments of the union of two data sets (Chan et al.'s parallel update, exact)."""
-    count = a.count + b.count
-    weight = b.count / tf.maximum(count, 1.0)  # exactly 1 when `a` is empty: b passes unrounded
-    delta = b.mean - a.mean
-    mean = a.mean + delta * weight
-    m2 = a.m2 + b.m2 + tf.square(delta) * a.count * weight
-    return Moments(count, mean, m2)
+    return Moments(*_formulas.combine(tf.math, a, b))
 
 
 def variance(m):

@@ -5,9 +5,15 @@ import tensorflow as tf
 
 from tf_actnorm import _math
 from tf_actnorm import _state
+from tf_actnorm import _stats
 
 forward = _math.forward
 inverse = _math.inverse
+
+
+def moments(x, axis, mask=None):
+    """Per-channel ``(count, mean, m2)`` of ``x`` (see ``_stats.moments``)."""
+    return tuple(_stats.moments(x, axis, mask))
 
 
 def state(layer):
