@@ -42,8 +42,8 @@ def test_import_and_layer_need_no_tensorflow():
     if importlib.util.find_spec("tensorflow") is None:
         with pytest.raises(ImportError, match=r'pip install "tf_actnorm\[tensorflow\]"'):
             tf_actnorm.ActNormBijector  # noqa: B018
-        with pytest.raises(ImportError, match=r'pip install "tf_actnorm\[tensorflow\]"'):
-            tf_actnorm.initialize  # noqa: B018
+    assert callable(tf_actnorm.initialize)  # any Keras backend
+    assert "tensorflow" not in sys.modules
 
 
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)
