@@ -475,14 +475,38 @@ def _compile(all_moments, model, first):
             return all_moments(forward, target)
 
         jitted = jax.jit(stateless)
-        # The variables are read on every call: each pass sees the layers that the
-        # earlier passes initialised.
-        return lambda batch, index: jitted(
-            [v.value for v in model.trainable_variables],
-            [v.value for v in model.non_trainable_variables], batch, np.int32(index))
+
+        def step(batch, index):
+            # The variables are read on every call: each pass sees the layers that the
+            # earlier passes initialised.
+            return jitted([v.value for v in model.trainable_variables],
+                          [v.value for v in model.non_trainable_variables],
+                          _distributed(batch), np.int32(index))
+
+        return step
 
     def eager(batch, index):
         with _no_grad():
             return all_moments(lambda: _run(model, batch), index)
 
     return eager
+
+
+def _distributed(batch):
+    """Under ``keras.distribution`` (JAX), ``batch`` laid out as the distribution lays
+    out a training batch (split over the devices by ``DataParallel``), so the sums over
+    it are all-reduced over the devices, as in a training step. A batch that does not
+    split evenly stays whole: the statistics are the same, on one device."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return batch
+
+    def lay_out(tensor):
+        layout = distribution.get_data_layout(tensor.shape)
+        split = math.prod(layout.device_mesh.shape[layout.device_mesh.axis_names.index(axis)]
+                          for axis in layout.axes[:1] if axis is not None)
+        if tensor.shape[0] % split:
+            return tensor
+        return keras.distribution.distribute_tensor(tensor, layout)
+
+    return keras.tree.map_structure(lay_out, batch)
