@@ -152,7 +152,7 @@ def variance(m):
     return _formulas.variance(tf.math, m.count, m.m2)
 
 
-def _has_data(m):
+def has_data(m):
     return tf.reduce_all(m.count > 0)
 
 
@@ -163,7 +163,7 @@ def _is_finite(m):
 
 def is_valid(m):
     """True when the moments can initialise: data present and every statistic finite."""
-    return tf.logical_and(_has_data(m), _is_finite(m))
+    return tf.logical_and(has_data(m), _is_finite(m))
 
 
 def check(m, name, enabled=True):
@@ -177,7 +177,7 @@ def check(m, name, enabled=True):
         return []
     skip = tf.logical_not(tf.cast(enabled, tf.bool))
     return [
-        tf.debugging.Assert(tf.logical_or(skip, _has_data(m)),
+        tf.debugging.Assert(tf.logical_or(skip, has_data(m)),
                             [f"{name}: cannot initialise from an empty batch"]),
         tf.debugging.Assert(tf.logical_or(skip, _is_finite(m)),
                             [f"{name}: cannot initialise from data containing NaN or Inf"]),
