@@ -17,6 +17,8 @@ The init guard is functional, so that it works where ``fit`` is a pure function
 """
 
 import math
+import sys
+import warnings
 
 import keras
 from keras import ops
@@ -107,6 +109,32 @@ def known_initialized(layer):
     """The flag's value if it is concrete now (eager), False while it is traced."""
     initialized = ops.convert_to_tensor(layer.initialized)
     return False if _is_traced(initialized) else bool(initialized)
+
+
+def exporting():
+    """True while an export for serving traces the layer: ``model.export`` on JAX
+    (``tf_saved_model`` and ``onnx`` convert through ``jax2tf``, so the layer runs inside
+    a TensorFlow function) and PyTorch's TorchScript ONNX exporter."""
+    if keras.backend.backend() == "jax":
+        tf = sys.modules.get("tensorflow")  # a TensorFlow trace implies it is imported
+        return tf is not None and tf.inside_function()
+    import torch  # noqa: PLC0415 (the torch backend)
+
+    return torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
+
+
+def initialized_outside_trace(layer):
+    """The flag's stored value (not a traced one), read without tracing anything."""
+    with keras.StatelessScope():  # no state mapping: reads the variable itself
+        value = layer.initialized.value
+    if keras.backend.backend() == "torch":
+        import torch  # noqa: PLC0415
+
+        with warnings.catch_warnings():
+            # The value is read for this check only and enters no traced graph.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return bool(value.detach().cpu().numpy())
+    return bool(ops.convert_to_numpy(value))
 
 
 def run_if(condition, fn):

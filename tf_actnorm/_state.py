@@ -23,6 +23,7 @@ How the "init once" guard is built, and why:
 import tensorflow as tf
 from tensorflow.python.saved_model import save_context
 
+from tf_actnorm import _checks
 from tf_actnorm import _math
 from tf_actnorm import _stats
 
@@ -135,10 +136,4 @@ class ActNormState:
         with tf.init_scope():
             initialized = bool(self.initialized.numpy())
         if not initialized:
-            raise ValueError(
-                f"ActNorm '{self.name}' was never initialised, so exporting it as a "
-                "SavedModel for serving would serve an identity transform (bias 0, scale 1). "
-                "Initialise it before exporting: train it, call it on representative data "
-                "in training mode (a bijector: `forward` or `inverse` on data), or restore "
-                "trained weights. To export it uninitialised on purpose, mark it initialised "
-                "first: `initialized.assign(True)`.")
+            raise _checks.never_initialised_for_export(self.name)

@@ -38,6 +38,12 @@ def known_initialized(layer):
         return bool(layer.initialized.value.numpy())
 
 
+def exporting():
+    """False: on TensorFlow, writing a SavedModel refuses an uninitialised layer
+    (``ActNorm._trackable_children``), for every route that writes one."""
+    return False
+
+
 def run_if(condition, fn):
     """Call ``fn()`` (a Python side effect) if ``condition`` holds: eagerly, from its value;
     while tracing, now (the caller traces a step that may initialise)."""

@@ -193,6 +193,10 @@ class ActNorm(keras.layers.Layer):
             # Keras' rule (BatchNormalization's): only training mode changes state, and
             # a frozen layer never does. `training` may be a bool tensor.
             self._maybe_initialize(impl, inputs, mask, training)
+        elif impl.exporting() and not impl.initialized_outside_trace(self):
+            # The same refusal as a TensorFlow SavedModel's (`_trackable_children`): a
+            # Python check while the export traces, which adds nothing to the graph.
+            raise _checks.never_initialised_for_export(self.name)
         return impl.forward(inputs, self.bias, self.log_scale, self.axis)
 
     def _maybe_initialize(self, impl, inputs, mask, training):

@@ -4,12 +4,14 @@ The truths are numpy's statistics (``tests/util.py``) and one training call of a
 identical model on all the batches at once.
 """
 
+import importlib.util
+
 import keras
 import numpy as np
 import pytest
 
 import tf_actnorm
-from backend_util import npy
+from backend_util import BACKEND, npy
 from tests.repeated_calls import initialize_standardises_every_step, step_data
 from tests.repeated_calls import training_calls_warn_once
 from tests.util import numpy_init
@@ -141,3 +143,23 @@ def test_repeated_calls_in_one_forward_pass_warn_once(rng, kind, fit):
 @pytest.mark.parametrize("kind", ["time_distributed", "shared"])
 def test_initialize_counts_every_call(rng, kind):
     initialize_standardises_every_step(kind, step_data(rng))
+
+
+@pytest.mark.skipif(BACKEND != "torch" or importlib.util.find_spec("onnxruntime") is None,
+                    reason="model.export(format='onnx') through PyTorch's exporter, onnxruntime")
+def test_onnx_export_refuses_an_uninitialised_layer_and_serves_an_initialised_one(rng, tmp_path):
+    """The same refusal (and message) as a TensorFlow SavedModel's; once initialised the
+    export serves `predict`'s outputs in onnxruntime."""
+    import onnxruntime
+
+    model = keras.Sequential([keras.Input((4,)), tf_actnorm.ActNorm(name="an"), keras.layers.Dense(2)])
+    x = (rng.normal(size=(16, 4)) * 3 + 5).astype("float32")
+    model(x)  # built and called: only ActNorm's state stands in the way
+    with pytest.raises(ValueError, match="ActNorm 'an' was never initialised, so exporting it"):
+        model.export(str(tmp_path / "uninitialised.onnx"), format="onnx", verbose=False)
+    model(x, training=True)
+    path = str(tmp_path / "model.onnx")
+    model.export(path, format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(path)
+    served = session.run(None, {session.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(served, npy(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-5)
