@@ -74,3 +74,20 @@ def initialize_standardises_every_step(kind, x):
     y = keras.ops.convert_to_numpy(net(x)).reshape(-1, x.shape[-1])
     np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-4)
+
+
+def initialised_layer_fit_warnings(kind, x):
+    """The messages of a compiled ``fit`` of a model whose layer is already initialised
+    (restored, or initialised by ``initialize``): there should be none."""
+    net, layer = model(kind)
+    tf_actnorm.initialize(net, x, verbose=0)
+    head = keras.Sequential([net, keras.layers.Flatten(), keras.layers.Dense(1)])
+    head.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=keras.backend.backend() == "jax")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        head.fit(x, x[:, 0, :1], batch_size=len(x) // 2, shuffle=False, verbose=0)
+        if keras.backend.backend() == "jax":
+            import jax  # noqa: PLC0415
+
+            jax.effects_barrier()
+    return warnings_of(layer.name, record)

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tf_actnorm
 from tests.util import assert_unchanged, assign_parameters, numpy_init, snapshot
+from tests.repeated_calls import initialised_layer_fit_warnings
 from tests.repeated_calls import initialize_standardises_every_step, step_data
 from tests.repeated_calls import model as repeated_model
 from tests.repeated_calls import training_calls_warn_once
@@ -333,3 +334,7 @@ def test_a_single_call_per_pass_and_an_initialised_layer_do_not_warn(rng):
 @pytest.mark.parametrize("kind", ["time_distributed", "shared"])
 def test_initialize_counts_every_call(rng, kind):
     initialize_standardises_every_step(kind, step_data(rng))
+
+
+def test_an_initialised_layer_called_per_step_does_not_warn_in_fit(rng):
+    assert initialised_layer_fit_warnings("time_distributed", step_data(rng)) == []

@@ -105,12 +105,6 @@ def _is_traced(tensor):
     return isinstance(tensor, jax.core.Tracer)
 
 
-def known_initialized(layer):
-    """The flag's value if it is concrete now (eager), False while it is traced."""
-    initialized = ops.convert_to_tensor(layer.initialized)
-    return False if _is_traced(initialized) else bool(initialized)
-
-
 def exporting():
     """True while an export for serving traces the layer: ``model.export`` on JAX
     (``tf_saved_model`` and ``onnx`` convert through ``jax2tf``, so the layer runs inside

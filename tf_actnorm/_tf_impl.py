@@ -28,14 +28,14 @@ def state(layer):
 
 
 def maybe_initialize(layer, inputs, mask, training):
-    """Initialise unless initialised; returns the flag after the call (a bool tensor)."""
-    return layer._state.maybe_initialize(inputs, mask, enabled=training)
-
-
-def known_initialized(layer):
-    """The flag's current value, also while a function is traced (read outside it)."""
+    """Initialise unless initialised. Returns whether this call initialised: eagerly a
+    bool tensor; while tracing a Python bool, True unless the layer is initialised now
+    (the flag's value read outside the trace), i.e. whether the traced call may."""
+    flag = layer._state.maybe_initialize(inputs, mask, enabled=training)
+    if tf.executing_eagerly():
+        return flag
     with tf.init_scope():
-        return bool(layer.initialized.value.numpy())
+        return not bool(layer.initialized.value.numpy())
 
 
 def exporting():
@@ -45,9 +45,9 @@ def exporting():
 
 
 def run_if(condition, fn):
-    """Call ``fn()`` (a Python side effect) if ``condition`` holds: eagerly, from its value;
-    while tracing, now (the caller traces a step that may initialise)."""
-    if not tf.executing_eagerly() or bool(condition):
+    """Call ``fn()`` (a Python side effect) if ``condition`` (a bool or an eager bool
+    tensor) holds."""
+    if bool(condition):
         fn()
 
 

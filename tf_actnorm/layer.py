@@ -30,12 +30,14 @@ def _current_forward_pass():
 
 
 class _FirstTrainingCall:
-    """The first training-mode call of a forward pass that may have initialised the
-    layer: which pass (a weak reference) and whether it initialised (a bool tensor)."""
+    """The first training-mode call of a forward pass: which pass (a weak reference),
+    whether it initialised the layer (what the backend's ``maybe_initialize`` returns),
+    and whether a later call of the pass has already reported it."""
 
     def __init__(self, forward_pass, initialized):
         self.forward_pass = weakref.ref(forward_pass)
         self.initialized = initialized
+        self.reported = False
 
 
 @keras.saving.register_keras_serializable(package="tf_actnorm")
@@ -205,23 +207,22 @@ class ActNorm(keras.layers.Layer):
         step; a shared layer is called once per use) and the first call initialised it:
         its statistics are those of the first call's inputs only.
 
-        Eagerly, "initialised" is known after the first call. In a traced step (a
-        ``tf.function``, ``jax.jit``) the flag is a tensor: TensorFlow decides at trace
-        time from the flag's current value; JAX warns from a host callback that runs only
-        in the step that initialises.
+        Eagerly, whether the first call initialised is known when a later call comes
+        (read only then). In a traced step (a ``tf.function``, ``jax.jit``) it is a
+        tensor: TensorFlow decides at trace time from the flag's current value; JAX warns
+        from a host callback that runs only in the step that initialises.
         """
         forward_pass = _current_forward_pass()
         first = self._first_training_call
         if forward_pass is not None and first is not None and first.forward_pass() is forward_pass:
-            if not self._warned_repeated_calls:
+            if not (first.reported or self._warned_repeated_calls):
+                first.reported = True
                 impl.run_if(first.initialized, self._warn_repeated_calls)
             impl.maybe_initialize(self, inputs, mask, training)  # initialised: only reads the flag
             return
-        known_initialized = impl.known_initialized(self)
         initialized = impl.maybe_initialize(self, inputs, mask, training)
         self._first_training_call = (
-            None if known_initialized or forward_pass is None
-            else _FirstTrainingCall(forward_pass, initialized))
+            None if forward_pass is None else _FirstTrainingCall(forward_pass, initialized))
 
     def _warn_repeated_calls(self):
         if self._warned_repeated_calls:

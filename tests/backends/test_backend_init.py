@@ -12,6 +12,7 @@ import pytest
 
 import tf_actnorm
 from backend_util import BACKEND, npy
+from tests.repeated_calls import initialised_layer_fit_warnings
 from tests.repeated_calls import initialize_standardises_every_step, step_data
 from tests.repeated_calls import training_calls_warn_once
 from tests.util import numpy_init
@@ -143,6 +144,10 @@ def test_repeated_calls_in_one_forward_pass_warn_once(rng, kind, fit):
 @pytest.mark.parametrize("kind", ["time_distributed", "shared"])
 def test_initialize_counts_every_call(rng, kind):
     initialize_standardises_every_step(kind, step_data(rng))
+
+
+def test_an_initialised_layer_called_per_step_does_not_warn_in_fit(rng):
+    assert initialised_layer_fit_warnings("time_distributed", step_data(rng)) == []
 
 
 @pytest.mark.skipif(BACKEND != "torch" or importlib.util.find_spec("onnxruntime") is None,
