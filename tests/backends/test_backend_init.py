@@ -162,6 +162,10 @@ def test_onnx_export_refuses_an_uninitialised_layer_and_serves_an_initialised_on
     model(x)  # built and called: only ActNorm's state stands in the way
     with pytest.raises(ValueError, match="ActNorm 'an' was never initialised, so exporting it"):
         model.export(str(tmp_path / "uninitialised.onnx"), format="onnx", verbose=False)
+    static = [keras.InputSpec(shape=(16, 4), dtype="float32")]  # Keras tries dynamo first
+    with pytest.raises(ValueError, match="ActNorm 'an' was never initialised, so exporting it"):
+        model.export(str(tmp_path / "static.onnx"), format="onnx", verbose=False,
+                     input_signature=static)
     model(x, training=True)
     path = str(tmp_path / "model.onnx")
     model.export(path, format="onnx", verbose=False)
