@@ -1,8 +1,12 @@
-"""Every route out of TensorFlow: TFLite (from a SavedModel and from a Keras model), ONNX
+"""Every route out of TensorFlow, and JAX's SavedModel route into it: TFLite (from a SavedModel and from a Keras model), ONNX
 (`model.export(format="onnx")` run in onnxruntime), and a flow's bijector in a `tf.Module`
 converted to TFLite. Each route's output must equal in-process `model(x, training=False)`
 to 1e-5, and the served graphs hold no variable write and no initialisation branch."""
 
+import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -178,3 +182,27 @@ def test_saved_model_serves_in_process_outputs(initialised, tmp_path):
     assert _served_op_counts(tmp_path / "sm") == {}
     served = tf.saved_model.load(str(tmp_path / "sm"))
     _assert_close(served.serve(x).numpy(), reference)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax beside TensorFlow")
+def test_jax_model_exports_a_saved_model_that_serves_in_tensorflow(tmp_path):
+    """A model trained on the JAX backend, exported with
+    `model.export(format="tf_saved_model")`, serves in TensorFlow the JAX model's
+    outputs; exporting it before its ActNorm initialised is refused with the message
+    TensorFlow gives. JAX runs in a subprocess (KERAS_BACKEND is fixed per process)."""
+    script = Path(__file__).resolve().parent / "jax_saved_model.py"
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               PYTHONPATH=os.pathsep.join([str(script.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert result["refused"] is not None
+    assert "ActNorm 'an' was never initialised, so exporting it" in result["refused"]
+    assert result["initialized"]
+    with np.load(tmp_path / "io.npz") as io:
+        x, expected = io["x"], io["y"]
+    loaded = tf.saved_model.load(str(tmp_path / "saved_model"))  # kept: it owns the variables
+    served = loaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served.numpy(), expected, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""tf_actnorm.initialize: multi-batch initialisation (issues 7, 13)."""
+"""tf_actnorm.initialize: multi-batch initialisation on the TensorFlow backend."""
 
 import os
 import re
@@ -96,6 +96,15 @@ def test_initialised_layers_are_left_alone_unless_forced(rng):
     _assert_models_equal(model, _one_batch_reference(data))
 
 
+def test_nothing_to_initialise_is_said_when_verbose(rng, capsys):
+    model = _three_layer_model()
+    model(_data(rng, 16), training=True)
+    assert tf_actnorm.initialize(model, _data(rng), verbose=1) == {}
+    assert "nothing to initialise" in capsys.readouterr().out
+    assert tf_actnorm.initialize(model, _data(rng), verbose=0) == {}
+    assert capsys.readouterr().out == ""
+
+
 def test_reset_initialization_re_arms(rng):
     data = _data(rng)
     model = _three_layer_model()
@@ -142,7 +151,7 @@ def test_progress_bar_and_errors(rng, capsys):
         tf_actnorm.initialize(_three_layer_model(), [])
 
 
-# ------------------------------------------------------------------ issue 13: dataset scale
+# ------------------------------------------------------------------ dataset scale
 
 
 class _CallCounter(keras.layers.Layer):
@@ -208,48 +217,17 @@ def _assert_like_one_batch_init(model, data):
 
 
 @pytest.mark.parametrize("kind", ["sequential", "functional", "nested", "subclassed"])
-def test_each_pass_runs_the_model_only_up_to_its_layer(rng, kind, monkeypatch):
-    """Streamed (one pass per layer), exact for every model kind. In a Sequential or
-    functional model each pass stops at its layer, so the layers after the last
-    ActNorm run only in the call that finds the ActNorm layers in data-flow order.
-    A subclassed model whose passes cost less than a trace runs whole, in one trace
-    for all its passes (one more call), never once per layer or batch."""
+def test_one_traced_function_serves_every_pass(rng, kind, monkeypatch):
+    """Streamed (one pass per layer), exact for every model kind. The model runs in
+    one call that finds the ActNorm layers in data-flow order and in one trace that
+    all passes share, never once per layer or batch."""
     monkeypatch.setattr(init, "_MERGE_BYTES", 1)
     data = _data(rng)
     model = _model(kind)
     _CallCounter.calls = 0
     summary = tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
     assert list(summary) == ["an0", "an1", "an2"]
-    assert _CallCounter.calls == (2 if kind == "subclassed" else 1)
-    _assert_like_one_batch_init(model, data)
-
-
-def test_a_subclassed_model_stops_at_the_layer_when_passes_cost_more_than_a_trace(rng, monkeypatch):
-    """After the first pass, if a pass over the data took longer than tracing the
-    whole model, the remaining layers get their own functions that stop at them."""
-    monkeypatch.setattr(init, "_MERGE_BYTES", 1)
-    trace = init._WholeModelPasses.trace
-
-    def expensive_passes(self, *args):
-        traced = trace(self, *args)
-        self.trace_seconds = 0.0
-        return traced
-
-    prefix_passes = []
-    run = init._PrefixPass.run
-
-    def counted(self, *args):
-        prefix_passes.append(self.layer.name)
-        return run(self, *args)
-
-    monkeypatch.setattr(init._WholeModelPasses, "trace", expensive_passes)
-    monkeypatch.setattr(init._PrefixPass, "run", counted)
-    data = _data(rng)
-    model = _model("subclassed")
-    _CallCounter.calls = 0
-    tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)
-    assert prefix_passes == ["an1", "an2"]
-    assert _CallCounter.calls == 2  # the call order, the whole-model trace
+    assert _CallCounter.calls == 2
     _assert_like_one_batch_init(model, data)
 
 
@@ -260,8 +238,7 @@ def test_data_that_fits_one_batch_initialises_in_one_eager_pass(rng, kind, monke
     def never(*args, **kwargs):
         raise AssertionError("a per-layer pass ran")
 
-    monkeypatch.setattr(init._PrefixPass, "run", never)
-    monkeypatch.setattr(init._WholeModelPasses, "run", never)
+    monkeypatch.setattr(init._Passes, "run", never)
     data = _data(rng)  # 128 x 6 floats: 3 KiB
     model = _model(kind)
     _CallCounter.calls = 0

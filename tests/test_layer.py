@@ -1,5 +1,7 @@
 """tf_actnorm.ActNorm: the Keras layer."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,10 @@ import tensorflow as tf
 
 import tf_actnorm
 from tests.util import assert_unchanged, assign_parameters, numpy_init, snapshot
+from tests.repeated_calls import initialised_layer_fit_warnings
+from tests.repeated_calls import initialize_standardises_every_step, step_data
+from tests.repeated_calls import model as repeated_model
+from tests.repeated_calls import training_calls_warn_once
 from tests.util import channel_data as _data
 
 # (shape, axis): every rank 2..5, channels-last and channels-first.
@@ -238,8 +244,11 @@ def test_bad_init_data_raises_and_changes_nothing(rng, kind, mode):
     before = snapshot(layer)
     train_call = lambda t: layer(t, training=True)  # noqa: E731
     call = train_call if mode == "eager" else tf.function(train_call)
-    message = "empty" if kind == "empty" else "NaN or Inf"
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"my_actnorm.*{message}"):
+    message = "an empty batch" if kind == "empty" else "data containing NaN or Inf"
+    # Eager code raises ValueError (as on JAX and PyTorch); a tf.function TensorFlow's
+    # own error type, with the same message.
+    error = ValueError if mode == "eager" else tf.errors.InvalidArgumentError
+    with pytest.raises(error, match=f"my_actnorm: cannot initialise from {message}"):
         call(tf.constant(_poisoned(rng, kind)))
     assert_unchanged(before, snapshot(layer))
     call(tf.constant(_data(rng, (8, 3), -1)))  # a good batch still initialises afterwards
@@ -291,3 +300,41 @@ def test_inside_a_parent_layer_without_build(rng, mode):
     bias, _ = numpy_init(wrapper.dense(x).numpy())
     np.testing.assert_allclose(wrapper.actnorm.bias.numpy(), bias, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y.std(0), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["time_distributed", "shared"])
+@pytest.mark.parametrize("fit", [False, True], ids=["eager", "fit"])
+def test_repeated_calls_in_one_forward_pass_warn_once(rng, kind, fit):
+    """A layer that one forward pass calls several times (TimeDistributed: once per
+    step; a shared layer: once per use) initialises from the first call's inputs:
+    one warning names the layer and points to `initialize`, eagerly and in a traced
+    step; the second forward pass does not warn again. Its outputs over all steps are
+    then not standardised (why the warning exists)."""
+    x = step_data(rng)
+    found, layer = training_calls_warn_once(kind, x, fit=fit)
+    assert len(found) == 1, found
+    assert "tf_actnorm.initialize" in str(found[0].message)
+    assert bool(layer.initialized.numpy())
+    batch = x[:len(x) // 2] if fit else x
+    first = batch[:, 0] if kind == "time_distributed" else batch[:, :3]
+    bias, _ = numpy_init(first.reshape(-1, x.shape[-1]))  # the first call's inputs
+    np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_call_per_pass_and_an_initialised_layer_do_not_warn(rng):
+    x = step_data(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf_actnorm.ActNorm()(x, training=True)
+        net, layer = repeated_model("time_distributed")
+        layer.initialized.assign(True)
+        net(x, training=True)
+
+
+@pytest.mark.parametrize("kind", ["time_distributed", "shared"])
+def test_initialize_counts_every_call(rng, kind):
+    initialize_standardises_every_step(kind, step_data(rng))
+
+
+def test_an_initialised_layer_called_per_step_does_not_warn_in_fit(rng):
+    assert initialised_layer_fit_warnings("time_distributed", step_data(rng)) == []

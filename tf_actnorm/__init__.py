@@ -5,8 +5,9 @@ PyTorch module.
   extras ``tensorflow``, ``jax`` or ``torch``). Imported with the package when Keras and
   its configured backend can be imported, so that ``.keras`` files that contain it load
   after ``import tf_actnorm``; otherwise on first use.
-* ``ActNormBijector`` (TensorFlow Probability) and ``initialize``: on first use (extra
-  ``tensorflow``).
+* ``initialize``: multi-batch initialisation (any of those backends; TFP flows with the
+  ``tensorflow`` extra), on first use.
+* ``ActNormBijector`` (TensorFlow Probability): on first use (extra ``tensorflow``).
 * ``tf_actnorm.torch.ActNorm``: a plain ``torch.nn.Module`` (extra ``torch``); it needs
   neither Keras nor TensorFlow.
 """
@@ -20,7 +21,7 @@ __version__ = "0.2.0"
 _LAZY = {
     "ActNorm": ("tf_actnorm.layer", "Keras and the backend it is set to (KERAS_BACKEND)"),
     "ActNormBijector": ("tf_actnorm.bijector", "tensorflow"),
-    "initialize": ("tf_actnorm.init", "tensorflow"),
+    "initialize": ("tf_actnorm.init", "a Keras backend: tensorflow, jax or torch"),
 }
 
 

@@ -30,6 +30,18 @@ def in_xla_context():
     return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+def never_initialised_for_export(name):
+    """The error raised when a model is exported for serving with an ActNorm that never
+    initialised (every backend, every export route)."""
+    return ValueError(
+        f"ActNorm '{name}' was never initialised, so exporting it for serving would serve "
+        "an identity transform (bias 0, scale 1). Initialise it before exporting: train "
+        "it, call it on representative data in training mode (a bijector: `forward` or "
+        "`inverse` on data), run `tf_actnorm.initialize`, or restore trained weights. To "
+        "export it uninitialised on purpose, mark it initialised first: "
+        "`initialized.assign(True)`.")
+
+
 def check_input(shape, axis, channels, name, rank=None, min_rank=None):
     """Raise ``ValueError`` naming ``name`` when a static shape cannot be ActNorm's input.
 

@@ -1,9 +1,10 @@
 """ActNorm's formulas, written once against an array namespace ``xp``.
 
-``xp`` is either ``keras.ops`` (the JAX and PyTorch backends, see ``_ops``) or
-:data:`tf_actnorm._math.TF` (TensorFlow ops, for the TensorFlow backend and the TFP
-bijector). Both provide ``sqrt``, ``maximum``, ``log``, ``exp``, ``sum``, ``cast``,
-``all``, ``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports
+``xp`` is ``keras.ops`` (the JAX and PyTorch backends, see ``_ops``, and
+``tf_actnorm.initialize`` on every backend), :data:`tf_actnorm._math.TF` (TensorFlow
+ops, for the TensorFlow backend and the TFP bijector) or ``tf.math``. They provide
+``sqrt``, ``maximum``, ``square``, ``log``, ``exp``, ``sum``, ``cast``, ``all``,
+``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports
 no backend: it is what the TensorFlow path and the ``keras.ops`` path share.
 
 The transform is ``y = s * (x + b)`` with ``s = exp(log_scale)``, computed as one
@@ -41,6 +42,17 @@ def mean(xp, count, total):
 def variance(xp, count, m2):
     """Population variance (divide by the count), as ``tf.nn.moments`` gives."""
     return m2 / xp.maximum(count, 1.0)
+
+
+def combine(xp, a, b):
+    """Moments ``(count, mean, m2)`` of the union of two data sets from theirs (Chan et
+    al.'s parallel update, exact). ``b`` passes unrounded when ``a`` is empty."""
+    a_count, a_mean, a_m2 = a
+    b_count, b_mean, b_m2 = b
+    count = a_count + b_count
+    weight = b_count / xp.maximum(count, 1.0)
+    delta = b_mean - a_mean
+    return count, a_mean + delta * weight, a_m2 + b_m2 + xp.square(delta) * a_count * weight
 
 
 def is_valid(xp, count, mean_, m2):

@@ -17,6 +17,8 @@ The init guard is functional, so that it works where ``fit`` is a pure function
 """
 
 import math
+import sys
+import warnings
 
 import keras
 from keras import ops
@@ -103,8 +105,47 @@ def _is_traced(tensor):
     return isinstance(tensor, jax.core.Tracer)
 
 
+def exporting():
+    """True while an export for serving traces the layer: ``model.export`` on JAX
+    (``tf_saved_model`` and ``onnx`` convert through ``jax2tf``, so the layer runs inside
+    a TensorFlow function) and PyTorch's TorchScript ONNX exporter."""
+    if keras.backend.backend() == "jax":
+        tf = sys.modules.get("tensorflow")  # a TensorFlow trace implies it is imported
+        return tf is not None and tf.inside_function()
+    import torch  # noqa: PLC0415 (the torch backend)
+
+    return torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling()
+
+
+def initialized_outside_trace(layer):
+    """The flag's stored value (not a traced one), read without tracing anything."""
+    with keras.StatelessScope():  # no state mapping: reads the variable itself
+        value = layer.initialized.value
+    if keras.backend.backend() == "torch":
+        import torch  # noqa: PLC0415
+
+        with warnings.catch_warnings():
+            # The value is read for this check only and enters no traced graph.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return bool(value.detach().cpu().numpy())
+    return bool(ops.convert_to_numpy(value))
+
+
+def run_if(condition, fn):
+    """Call ``fn()`` (a Python side effect) if the bool tensor ``condition`` is true: now
+    when it is concrete, else from a host callback when the traced step runs with it true."""
+    if not _is_traced(condition):
+        if bool(condition):
+            fn()
+        return
+    import jax  # noqa: PLC0415 (only JAX traces here)
+
+    jax.lax.cond(condition, lambda: jax.debug.callback(fn), lambda: None)
+
+
 def maybe_initialize(layer, inputs, mask, training):
-    """Initialise ``layer`` from ``inputs`` unless it is initialised (see the module doc)."""
+    """Initialise ``layer`` from ``inputs`` unless it is initialised (see the module doc).
+    Returns a bool tensor: whether this call initialised it."""
     initialized = ops.convert_to_tensor(layer.initialized)
     needed = ops.logical_not(initialized)
     if training is not True:
@@ -142,3 +183,4 @@ def maybe_initialize(layer, inputs, mask, training):
         # Eager: nothing was assigned (`valid` is False); say why.
         problem = "an empty batch" if not bool(has_data) else "data containing NaN or Inf"
         raise ValueError(f"{layer.name}: cannot initialise from {problem}")
+    return valid

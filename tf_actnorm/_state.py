@@ -13,15 +13,17 @@ How the "init once" guard is built, and why:
   branches. So only the per-replica partial sums are computed inside conds
   (zeros once initialised); the all-reduces and the assignments sit outside,
   every call, selecting the old values once initialised.
-* Bad data (empty batch, NaN/Inf): assertions raise ``InvalidArgumentError``
-  before anything is assigned. XLA compiles assertions away, so the assignment
-  itself also keeps the old values and leaves ``initialized`` False when the
+* Bad data (empty batch, NaN/Inf): nothing is assigned; eager code raises
+  ``ValueError`` naming the owner, a traced function an ``InvalidArgumentError``
+  with the same message (from assertions that run before the assignments). XLA
+  compiles assertions away, so the assignment itself also keeps the old values and leaves ``initialized`` False when the
   statistics are invalid: state never changes on bad data, under XLA too.
 """
 
 import tensorflow as tf
 from tensorflow.python.saved_model import save_context
 
+from tf_actnorm import _checks
 from tf_actnorm import _math
 from tf_actnorm import _stats
 
@@ -96,7 +98,15 @@ class ActNormState:
         """Assign the parameters that standardise data with these moments; leaves
         everything unchanged (and raises, outside XLA) when they are invalid."""
         valid = _stats.is_valid(moments)
-        checks = _stats.check(moments, self.name, enabled=needed)
+        if tf.executing_eagerly():
+            # Eager code raises a plain ValueError, as on the other Keras backends.
+            if bool(needed) and not bool(valid):
+                problem = ("an empty batch" if not bool(_stats.has_data(moments))
+                           else "data containing NaN or Inf")
+                raise ValueError(f"{self.name}: cannot initialise from {problem}")
+            checks = []
+        else:
+            checks = _stats.check(moments, self.name, enabled=needed)
         init = _math.init_from_outputs if from_outputs else _math.init_from_inputs
         with tf.control_dependencies(checks):
             values = init(moments.mean, _stats.variance(moments), self.epsilon)
@@ -126,10 +136,4 @@ class ActNormState:
         with tf.init_scope():
             initialized = bool(self.initialized.numpy())
         if not initialized:
-            raise ValueError(
-                f"ActNorm '{self.name}' was never initialised, so exporting it as a "
-                "SavedModel for serving would serve an identity transform (bias 0, scale 1). "
-                "Initialise it before exporting: train it, call it on representative data "
-                "in training mode (a bijector: `forward` or `inverse` on data), or restore "
-                "trained weights. To export it uninitialised on purpose, mark it initialised "
-                "first: `initialized.assign(True)`.")
+            raise _checks.never_initialised_for_export(self.name)

@@ -138,12 +138,7 @@ def _channel_shape(rank, axis):
 
 def combine(a, b):
     """Moments of the union of two data sets (Chan et al.'s parallel update, exact)."""
-    count = a.count + b.count
-    weight = b.count / tf.maximum(count, 1.0)  # exactly 1 when `a` is empty: b passes unrounded
-    delta = b.mean - a.mean
-    mean = a.mean + delta * weight
-    m2 = a.m2 + b.m2 + tf.square(delta) * a.count * weight
-    return Moments(count, mean, m2)
+    return Moments(*_formulas.combine(tf.math, a, b))
 
 
 def variance(m):
@@ -151,7 +146,7 @@ def variance(m):
     return _formulas.variance(tf.math, m.count, m.m2)
 
 
-def _has_data(m):
+def has_data(m):
     return tf.reduce_all(m.count > 0)
 
 
@@ -162,7 +157,7 @@ def _is_finite(m):
 
 def is_valid(m):
     """True when the moments can initialise: data present and every statistic finite."""
-    return tf.logical_and(_has_data(m), _is_finite(m))
+    return tf.logical_and(has_data(m), _is_finite(m))
 
 
 def check(m, name, enabled=True):
@@ -176,7 +171,7 @@ def check(m, name, enabled=True):
         return []
     skip = tf.logical_not(tf.cast(enabled, tf.bool))
     return [
-        tf.debugging.Assert(tf.logical_or(skip, _has_data(m)),
+        tf.debugging.Assert(tf.logical_or(skip, has_data(m)),
                             [f"{name}: cannot initialise from an empty batch"]),
         tf.debugging.Assert(tf.logical_or(skip, _is_finite(m)),
                             [f"{name}: cannot initialise from data containing NaN or Inf"]),

@@ -5,9 +5,15 @@ import tensorflow as tf
 
 from tf_actnorm import _math
 from tf_actnorm import _state
+from tf_actnorm import _stats
 
 forward = _math.forward
 inverse = _math.inverse
+
+
+def moments(x, axis, mask=None):
+    """Per-channel ``(count, mean, m2)`` of ``x`` (see ``_stats.moments``)."""
+    return tuple(_stats.moments(x, axis, mask))
 
 
 def state(layer):
@@ -22,7 +28,27 @@ def state(layer):
 
 
 def maybe_initialize(layer, inputs, mask, training):
-    layer._state.maybe_initialize(inputs, mask, enabled=training)
+    """Initialise unless initialised. Returns whether this call initialised: eagerly a
+    bool tensor; while tracing a Python bool, True unless the layer is initialised now
+    (the flag's value read outside the trace), i.e. whether the traced call may."""
+    flag = layer._state.maybe_initialize(inputs, mask, enabled=training)
+    if tf.executing_eagerly():
+        return flag
+    with tf.init_scope():
+        return not bool(layer.initialized.value.numpy())
+
+
+def exporting():
+    """False: on TensorFlow, writing a SavedModel refuses an uninitialised layer
+    (``ActNorm._trackable_children``), for every route that writes one."""
+    return False
+
+
+def run_if(condition, fn):
+    """Call ``fn()`` (a Python side effect) if ``condition`` (a bool or an eager bool
+    tensor) holds."""
+    if bool(condition):
+        fn()
 
 
 def log_det(log_scale, inputs, mask, axis):

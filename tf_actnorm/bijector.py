@@ -92,7 +92,8 @@ class ActNormBijector(tfp.bijectors.Bijector):
         epsilon: Small float added to the standard deviation at initialisation.
         validate_args: Python bool; adds checks that the parameters are finite.
             (Initialisation always checks its data: empty or non-finite batches
-            raise ``InvalidArgumentError`` and leave the variables unchanged.
+            raise ``ValueError`` (eagerly; ``InvalidArgumentError`` inside a
+            ``tf.function``) and leave the variables unchanged.
             Under XLA, which drops assertions, neither builds any.)
         dtype: Dtype of the variables (standalone only).
         name: Python str name.

@@ -1,4 +1,4 @@
-"""Data-dependent initialisation from many batches.
+"""Data-dependent initialisation from many batches, on every Keras backend.
 
 Glow initialised ActNorm on a larger batch than it trained with. ``initialize``
 does that for any Keras model without holding the data in memory: exact
@@ -8,46 +8,41 @@ order, so each layer's statistics are those of its inputs *after* the earlier
 layers were initialised — the same values (to rounding) as a single init batch
 made of all those batches.
 
-How it runs, and why:
+How it runs:
 
-* Small data, one pass: if all the batches together hold at most
-  ``_MERGE_BYTES`` (1 MiB) of model inputs, they are concatenated and one eager
-  forward pass initialises every layer from its inputs before they go on, exactly
-  as a first training call on that batch would. Initialising from a few batches
-  (Glow used one larger batch) is the common case; it costs about one forward
-  pass and no tracing.
-* Otherwise, one pass over the data per layer, one batch in memory at a time: a
-  layer's inputs depend on the earlier layers' final parameters, so they cannot be
-  computed before those layers have seen every batch. Runs of small batches are
-  concatenated up to ``_MERGE_BYTES`` (per-op overhead dominates small batches).
-* Each pass runs a ``tf.function`` traced once, not per batch (``autograph=False``,
-  as Keras' own step functions). In a Sequential or functional model it is traced
-  per layer and stops at the layer: once its inputs are seen, the collecting hook
-  raises ``_StopForward``, so the rest of the model is neither traced nor run. A
-  subclassed model first gets one function for all passes that runs the whole
-  model (``_WholeModelPasses``); if one pass over the data takes longer than that
-  trace did, the remaining layers get their own stopping functions, as above. A
-  layer that a forward pass calls more than once (a shared layer) gets whole
-  forward passes, so that every call's inputs count.
-* The running moments are tensors, not ``tf.Variable`` accumulators: variables
-  created under a ``tf.distribute`` strategy's scope would be mirrored.
-* A layer called inside the model's own control flow (an RNN cell's loop, a
-  ``tf.cond`` branch) has its inputs in a graph of that control flow, out of reach
-  of the function's output; its pass then runs eagerly (slower, same result).
+* The layers are found by running the model once on the first batch, in inference
+  mode, while every ActNorm call reports to a collector (``ActNorm.call`` consults
+  :data:`tf_actnorm.layer.moments_collector`, a context variable): the layers a
+  forward pass calls, in the order it first calls them, and how often.
+* All the data in at most ``_MERGE_BYTES`` of model inputs, each layer called once
+  per forward pass: the batches are concatenated and one eager forward pass
+  initialises every layer from its inputs before they go on, as a first training
+  call on that batch would.
+* Otherwise one pass over the data per layer, one batch in memory at a time (runs of
+  small batches concatenated up to ``_MERGE_BYTES``): a layer's inputs depend on the
+  earlier layers' final parameters. Every pass runs one function, compiled once for
+  the model where the backend compiles (``tf.function`` on TensorFlow, ``jax.jit`` of
+  ``stateless_call`` on JAX; eager on PyTorch), whose ``target`` argument selects the
+  layer: each ActNorm call computes its moments inside ``ops.cond(target == index)``,
+  so a pass computes only its own layer's statistics, over every call of that layer
+  (shared layers, ``TimeDistributed``).
+* A layer that the model calls inside its own control flow under ``tf.function`` (a
+  ``tf.cond`` branch, an RNN cell's loop) has its inputs in a graph of that control
+  flow, which the function cannot return; its pass runs eagerly (same result).
 """
 
-import collections
 import contextlib
-import functools
 import itertools
-import time
+import math
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from tf_actnorm import _stats
-from tf_actnorm.layer import ActNorm
+from tf_actnorm import _backend
+from tf_actnorm import _formulas
+from tf_actnorm.layer import moments_collector
 
 
 def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, direction=None):
@@ -57,29 +52,21 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     (such as a ``tfd.TransformedDistribution``) or bijector with ``ActNormBijector``
     bijectors in it (see "Flows" below).
 
-    Every uninitialised, trainable ActNorm layer of ``model`` (nested models and
-    layers are searched too) is initialised, in the order a forward pass calls
-    them, from its inputs over all the batches of ``data``: the result equals
-    initialising from one batch made of all of them.
+    Every uninitialised, trainable ActNorm layer that a forward pass of ``model``
+    calls (in nested models and layers too) is initialised, in the order a forward
+    pass calls them, from its inputs over all the batches of ``data``: the result
+    equals initialising from one batch made of all of them (one training call on
+    it). A layer called several times per forward pass (shared, or inside
+    ``TimeDistributed``) gets the statistics of all its calls' inputs. Runs on the
+    TensorFlow, JAX and PyTorch Keras backends.
 
-    Memory and time:
-
-    * Up to 1 MiB of model inputs in all (e.g. 16 batches of 64 8x8x1 float32
-      images), the batches are concatenated and one eager forward pass initialises
-      every layer: about the cost of one forward pass, no tracing. (Not when a
-      forward pass calls a layer twice: each call's inputs must count.)
-    * Beyond that, the data is read once per layer, one batch at a time (runs of
-      small batches concatenated up to 1 MiB), so memory does not grow with the
-      number of batches, except for a one-shot generator (see ``data``). A
-      Sequential or functional model costs one trace per layer, and each pass runs
-      the model only up to its layer: ``L`` ActNorm layers cost ``L`` traces and
-      about ``L / 2`` forward passes per batch. A subclassed model is traced once
-      and each pass runs all of it (``L`` forward passes per batch) while a pass
-      costs less than that trace; after that, as a Sequential model.
-
-    Concatenating batches changes only how many examples one inference call sees, not
-    the statistics; a model whose inference output depends on which examples share a
-    batch would see larger batches.
+    Memory does not grow with the number of batches: the data is read one batch at a
+    time (runs of small batches concatenated up to 1 MiB), once per layer, except
+    for a one-shot generator (see ``data``). When all the batches together hold at
+    most 1 MiB of model inputs they are concatenated and one forward pass
+    initialises every layer. Concatenating batches changes only how many examples
+    one inference call sees, not the statistics; a model whose inference output
+    depends on which examples share a batch would see larger batches.
 
     Flows: for a distribution, the data take the direction ``log_prob(data)`` takes;
     for a bijector, the one ``direction`` names. Every ``ActNormBijector`` that the
@@ -99,20 +86,22 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
             bijector (a flow).
         data: The batches. A ``tf.data.Dataset`` (re-iterated for each layer), a
             numpy array or tensor (split into ``batch_size`` batches), a re-iterable
-            collection of batches (such as a list), or a one-shot iterator or
-            generator. A one-shot iterator cannot be re-read, so its batches are
-            kept in memory for the later layers' passes. Elements that are
-            ``(x, y)`` or ``(x, y, sample_weight)`` tuples contribute ``x``.
+            collection of batches (such as a list or a PyTorch ``DataLoader``), or a
+            one-shot iterator or generator. A one-shot iterator cannot be re-read, so
+            its batches are kept in memory for the later layers' passes. Elements
+            that are ``(x, y)`` or ``(x, y, sample_weight)`` tuples contribute ``x``.
             Elements must be batches: batch a dataset of single examples with
             ``dataset.batch(n)`` first.
-        steps: Number of batches to use (default: all). Required for an infinite
-            ``tf.data.Dataset`` (e.g. one made with ``.repeat()``).
+        steps: Number of batches to use (default: all). Required for endless data:
+            an infinite ``tf.data.Dataset`` (e.g. made with ``.repeat()``), which is
+            refused without it, and an endless generator, which would never end.
         batch_size: Batch size for numpy/tensor ``data``.
         force: Initialise every ActNorm layer, including layers that are already
             initialised and frozen layers (``trainable=False``, also when a parent
             was frozen). Without it both are left untouched.
         verbose: 1 shows a Keras ``Progbar`` counting layers x batches (a count
-            without a total when the number of batches is unknown), 0 is silent.
+            without a total when the number of batches is unknown), and says so
+            when there is nothing to initialise; 0 is silent.
         direction: For a bijector only, and required there: ``"forward"`` if the data
             go through ``bijector.forward``, ``"inverse"`` if through
             ``bijector.inverse`` (as ``TransformedDistribution.log_prob`` sends them).
@@ -124,8 +113,9 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
 
     Raises:
         ValueError: ``steps`` is missing for an infinite dataset, ``data`` yields
-            no batches or looks unbatched, or ``model`` has no ActNorm layer (a flow:
-            its data reach no ActNormBijector); ``direction`` is missing for a
+            no batches or looks unbatched, ``model`` calls no ActNorm layer (a flow:
+            its data reach no ActNormBijector), a layer's statistics cannot initialise
+            it (no data for it, NaN or Inf), or ``direction`` is missing for a
             bijector or given for anything else.
 
     Example:
@@ -151,13 +141,14 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     _check_batched(model, first)
     order, calls = _actnorm_layers_in_call_order(model, first)
     targets = [layer for layer in order
-               if force or (layer.trainable and not bool(layer.initialized.numpy()))]
+               if force or (layer.trainable and not _is_initialized(layer))]
     if not targets:
+        if verbose:
+            print(f"tf_actnorm.initialize: nothing to initialise: every ActNorm layer of "
+                  f"{getattr(model, 'name', model)!r} is initialised or frozen "
+                  "(force=True initialises them again)")
         return {}
-    initialised = list(targets)
     source.keep_for_passes(len(targets))
-    # Any batch size: merged batches and a last, smaller one use the same trace.
-    spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), first)
     total = None if source.num_batches is None else len(targets) * source.num_batches
     progress = keras.utils.Progbar(total, verbose=verbose, unit_name="batch")
     progress.update(0)
@@ -168,36 +159,19 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
         done += batches
         progress.update(done)
 
-    union = None
-    if all(calls[layer] == 1 for layer in targets):
-        union = source.union()
+    union = source.union() if all(calls[id(layer)] == 1 for layer in targets) else None
     if union is not None:
-        # All the data fits in one batch of at most _MERGE_BYTES: one eager forward
-        # pass initialises every layer from its inputs before they go on, as a first
-        # training call on that batch would (no passes, no traces).
         _initialize_in_one_pass(model, targets, union[0])
         advance(len(targets) * union[1])
-        targets = []
-    # A model without a layer graph (subclassed) may run whole in every pass, traced
-    # once, if one pass over the data costs less than a trace (see _WholeModelPasses).
-    whole = None
-    if targets and not _has_layer_graph(model):
-        whole = _WholeModelPasses(model, targets)
-        if not whole.trace(spec, first):
-            whole = None
-    for index, layer in enumerate(targets):
-        if whole is not None:
-            start = time.perf_counter()
-            moments = whole.run(index, source, advance)
-            if time.perf_counter() - start > whole.trace_seconds:
-                whole = None  # from now on, stop each pass at its layer
-        else:
-            moments = _PrefixPass(model, layer, stop=calls[layer] == 1).run(spec, source, advance)
-        layer._state.assign_from_moments(moments)
+    else:
+        passes = _Passes(model, targets, first)
+        for index, layer in enumerate(targets):
+            _assign_from_moments(layer, passes.run(index, source, advance))
     progress.update(done, finalize=True)
-    return {layer.name: {"mean_abs_bias": float(np.mean(np.abs(layer.bias.numpy()))),
-                         "mean_scale": float(np.mean(np.exp(layer.log_scale.numpy())))}
-            for layer in initialised}
+    return {layer.name: {
+        "mean_abs_bias": float(np.mean(np.abs(ops.convert_to_numpy(layer.bias)))),
+        "mean_scale": float(np.mean(np.exp(ops.convert_to_numpy(layer.log_scale)))),
+    } for layer in targets}
 
 
 class _Source:
@@ -206,7 +180,8 @@ class _Source:
     def __init__(self, data, steps, batch_size):
         self.num_batches = None  # None: unknown until read
         self._one_shot = False
-        if isinstance(data, tf.data.Dataset):
+        tf = sys.modules.get("tensorflow")  # a tf.data.Dataset implies TensorFlow is imported
+        if tf is not None and isinstance(data, tf.data.Dataset):
             if data.cardinality() == tf.data.INFINITE_CARDINALITY and steps is None:
                 raise ValueError(
                     "initialize: `data` is an infinite dataset (made with `.repeat()`?), so "
@@ -217,7 +192,7 @@ class _Source:
             cardinality = int(data.cardinality())
             self.num_batches = cardinality if cardinality >= 0 else None
             self._open = lambda: iter(data)
-        elif isinstance(data, (np.ndarray, tf.Tensor)):
+        elif isinstance(data, np.ndarray) or ops.is_tensor(data):
             count = -(-len(data) // batch_size)
             self.num_batches = count if steps is None else min(count, steps)
             self._open = lambda: (data[i * batch_size:(i + 1) * batch_size]
@@ -279,8 +254,7 @@ class _Source:
         return union if next(merged, None) is None else None
 
     def _read_once(self):
-        # What was read before (kept if more than one pass needs it), then the rest:
-        # a pass that stopped early leaves the others a complete reading.
+        # What was read before (kept if more than one pass needs it), then the rest.
         yield from self._kept or ()
         for element in self._unread:
             if self._kept is not None:
@@ -289,292 +263,283 @@ class _Source:
 
 
 # Batches are concatenated up to this size of model inputs: large enough that small
-# batches no longer pay the per-op overhead (16 batches of 64 8x8 images: 3.7x faster
-# concatenated), small enough not to matter for memory.
+# batches no longer pay the per-op overhead, small enough not to matter for memory.
 _MERGE_BYTES = 1 << 20
 
 
+def _itemsize(dtype):
+    dtype = keras.backend.standardize_dtype(dtype)
+    return 1 if dtype == "bool" else int("".join(c for c in dtype if c.isdigit())) // 8
+
+
 def _nbytes(batch):
-    return sum(t.shape.num_elements() * t.dtype.size for t in tf.nest.flatten(batch)
-               if isinstance(t, tf.Tensor) and t.shape.is_fully_defined())
+    return sum(math.prod(t.shape) * _itemsize(t.dtype) for t in keras.tree.flatten(batch))
 
 
 def _concatenable(a, b):
-    """Same structure of dense tensors, equal in everything but the batch size."""
-    try:
-        tf.nest.assert_same_structure(a, b)
-    except (TypeError, ValueError):
+    """Same structure of tensors, equal in everything but the batch size."""
+    if type(a) is not type(b):
         return False
-    return all(isinstance(x, tf.Tensor) and isinstance(y, tf.Tensor) and x.dtype == y.dtype
-               and x.shape.rank and x.shape[1:] == y.shape[1:] and x.shape[1:].is_fully_defined()
-               for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)))
+    a, b = keras.tree.flatten(a), keras.tree.flatten(b)
+    return len(a) == len(b) and all(
+        len(x.shape) > 0 and tuple(x.shape[1:]) == tuple(y.shape[1:]) and x.dtype == y.dtype
+        for x, y in zip(a, b))
 
 
 def _concatenated(batches):
     if len(batches) == 1:
         return batches[0]
-    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *batches)
+    return keras.tree.map_structure(lambda *parts: ops.concatenate(parts, axis=0), *batches)
 
 
 def _features(element):
-    """The model inputs ``x`` of a batch (of ``(x, y[, sample_weight])`` tuples too)."""
+    """The model inputs ``x`` of a batch (of ``(x, y[, sample_weight])`` tuples too), as
+    tensors of the backend."""
     if isinstance(element, (tuple, list)):
         element = element[0]
-    return tf.nest.map_structure(tf.convert_to_tensor, element)
-
-
-def _has_layer_graph(model):
-    """True for Sequential and functional models (they have symbolic inputs)."""
-    try:
-        return bool(model.inputs)
-    except AttributeError:  # subclassed models and plain layers
-        return False
+    return keras.tree.map_structure(ops.convert_to_tensor, element)
 
 
 def _check_batched(model, x):
     """Refuse single examples where the model's input rank says what a batch is."""
-    try:
-        inputs = model.inputs
-    except AttributeError:  # subclassed models and plain layers have no symbolic inputs
-        return
-    if not inputs or len(inputs) != 1 or not isinstance(x, tf.Tensor):
+    inputs = getattr(model, "inputs", None)  # subclassed models and layers have none
+    if not inputs or len(inputs) != 1 or not ops.is_tensor(x):
         return
     expected = inputs[0].shape
-    if x.shape.rank == len(expected) - 1:
+    if len(x.shape) == len(expected) - 1:
         raise ValueError(
             f"initialize: a batch of `data` has shape {tuple(x.shape)}, one axis less than the "
             f"model's input {tuple(expected)}: `data` seems to yield single examples, not "
             "batches. Batch it first, e.g. `dataset.batch(n)`.")
 
 
-class _StopForward(BaseException):
-    """Ends a traced forward pass at the layer being initialised. A ``BaseException``,
-    so that an ``except Exception`` in model code cannot swallow it."""
+def _is_initialized(layer):
+    return bool(ops.convert_to_numpy(layer.initialized))
 
 
-class _NotTraceable(BaseException):
-    """A layer's inputs were seen inside a loop or branch of the traced model."""
+def _stats_dtype(layer):
+    return "float64" if layer.compute_dtype == "float64" else "float32"
 
 
-def _initialize_in_one_pass(model, targets, batch):
-    """Initialises ``targets`` (each called once per forward pass) in one eager
-    forward pass of ``model`` on ``batch``: each layer from its inputs, which the
-    layers before it have already normalised."""
-
-    def initializer(layer):
-        return lambda inputs, mask: layer._state.assign_from_moments(
-            _stats.moments(inputs, layer.axis, mask))
-
-    with _collecting({layer: initializer(layer) for layer in targets}):
-        _run(model, batch)
-
-
-def _run(model, batch):
-    """``model`` in inference mode. Under a name scope: in a traced function's root
-    scope, a model whose name starts with "_" (Keras' name for a class ``_Model``)
-    would be refused as a root scope name."""
-    with tf.name_scope("initialize"):
-        model(batch, training=False)
-
-
-def _reachable(seen):
-    """False if tensors in ``seen`` belong to a graph other than the one being traced
-    (the model's own loop or branch): the function's output cannot reach them."""
-    if tf.executing_eagerly():
-        return True
-    graph = tf.compat.v1.get_default_graph()
-    return all(t.graph is graph for t in tf.nest.flatten(seen) if t is not None)
-
-
-def _combined(layer, seen):
-    """The moments of all of ``layer``'s calls in ``seen``, in its statistics dtype."""
-    moments = _zero_moments(layer)
-    for one in seen:
-        one = _stats.Moments(*(tf.cast(t, moments.count.dtype) for t in one))
-        moments = _stats.combine(moments, one)
-    return moments
-
-
-def _zero_moments(layer):
-    zeros = tf.zeros(layer.initial_bias.shape, _stats.stats_dtype(layer.compute_dtype))
-    return _stats.Moments(zeros, zeros, zeros)
-
-
-class _PrefixPass:
-    """One layer's pass: a ``tf.function``, traced once for the layer (not per batch),
-    that runs the model up to ``layer`` and returns the moments of its inputs.
-
-    The trace stops at the layer: once its inputs are seen, the collecting hook raises
-    ``_StopForward``, so the rest of the model is neither traced nor run. A layer that
-    a forward pass calls more than once (``stop=False``) gets the whole forward pass,
-    so that every call's inputs count. A layer called inside the model's own control
-    flow (an RNN cell's loop, a ``tf.cond`` branch) cannot hand its statistics out of
-    that graph: its pass runs eagerly (slower, same result).
-    """
-
-    def __init__(self, model, layer, stop):
-        self.model, self.layer, self.stop = model, layer, stop
-        self._seen = []
-        # reduce_retracing: batches of other shapes (a last, smaller batch; batches
-        # padded to their longest sequence) retrace once, leaving those sizes unknown.
-        self._function = tf.function(self._batch_moments, reduce_retracing=True, autograph=False)
-
-    def run(self, spec, source, advance):
-        """The moments over all of ``source``'s batches (``spec``: a batch's spec, its
-        batch size unknown); ``advance(n)`` after each ``n`` batches."""
-        with _collecting({self.layer: self._collect}):
-            step = self._function
-            try:
-                step.get_concrete_function(spec)
-            except _NotTraceable:
-                step = self._batch_moments  # eagerly
-            moments = _zero_moments(self.layer)
-            for batch, count in source.merged_batches():
-                moments = _stats.combine(moments, step(batch))
-                advance(count)
-        return moments
-
-    def _collect(self, inputs, mask):
-        self._seen.append(_stats.moments(inputs, self.layer.axis, mask))
-        if self.stop:
-            raise _StopForward
-
-    def _batch_moments(self, batch):
-        self._seen.clear()
-        try:
-            _run(self.model, batch)
-        except _StopForward:
-            pass
-        if not _reachable(self._seen):
-            raise _NotTraceable
-        return _combined(self.layer, self._seen)
-
-
-class _WholeModelPasses:
-    """All layers' passes run by one ``tf.function``, traced once for the model.
-
-    The function runs the whole model in inference mode and returns the moments of
-    the inputs of one layer: the one whose index in ``targets`` is its ``target``
-    argument. Layers before the target read their variables, already assigned by
-    the earlier passes. Each pass therefore runs the whole model, also after its
-    layer, but the model is traced once instead of once per layer (``initialize``
-    chooses between the two by their measured cost).
-
-    One set of moments ops serves every layer, so that the trace costs little more
-    than the model's: each layer's collecting hook slices its inputs to all of the
-    batch in its own pass and to no rows in the others (no ``tf.cond``, whose branch
-    functions would cost more to trace and instantiate than the model), flattens
-    them to ``[positions, channels]`` padded to the widest layer, and the moments
-    are those of the concatenation, which only the target fills.
-    """
-
-    def __init__(self, model, targets):
-        self.model, self.targets = model, targets
-        self.channels = [int(layer.initial_bias.shape[0]) for layer in targets]
-        dtypes = {_stats.stats_dtype(layer.compute_dtype) for layer in targets}
-        self.dtype = tf.float64 if tf.float64 in dtypes else tf.float32
-        self.width = max(self.channels)
-        self._hooks = {layer: functools.partial(self._collect, index)
-                       for index, layer in enumerate(targets)}
-        self.trace_seconds = None
-        self._target = self._seen = None
-        self._function = tf.function(self._batch_moments, reduce_retracing=True, autograph=False)
-
-    def trace(self, spec, batch):
-        """Traces the function for batches like ``spec`` and runs it on ``batch``,
-        timing both (what a layer's own function costs too). False if a layer is
-        called inside the model's own loop or branch: the function cannot return
-        its statistics."""
-        start = time.perf_counter()
-        with _collecting(self._hooks):
-            try:
-                self._function.get_concrete_function(spec, tf.TensorSpec([], tf.int32))
-            except _NotTraceable:
-                return False
-            self._function(batch, tf.constant(0))
-        self.trace_seconds = time.perf_counter() - start
-        return True
-
-    def run(self, index, source, advance):
-        target = tf.constant(index)
-        moments = _zero_moments(self.targets[index])
-        with _collecting(self._hooks):
-            for batch, count in source.merged_batches():
-                padded = self._function(batch, target)
-                batch_moments = _stats.Moments(
-                    *(tf.cast(t[:self.channels[index]], moments.count.dtype) for t in padded))
-                moments = _stats.combine(moments, batch_moments)
-                advance(count)
-        return moments
-
-    def _collect(self, index, inputs, mask):
-        rows = tf.where(tf.equal(self._target, index), tf.shape(inputs)[0], 0)
-        inputs = inputs[:rows]
-        rank, axis = inputs.shape.rank, self.targets[index].axis % inputs.shape.rank
-        weights = _stats._weights(inputs, None if mask is None else mask[:rows], axis)
-        if axis != rank - 1:  # channels last
-            order = [i for i in range(rank) if i != axis] + [axis]
-            inputs = tf.transpose(inputs, order)
-            if weights is not None:
-                weights = tf.transpose(weights, order)
-        values = tf.reshape(tf.cast(inputs, self.dtype), [-1, self.channels[index]])
-        values = tf.pad(values, [[0, 0], [0, self.width - self.channels[index]]])
-        if weights is not None:
-            weights = tf.reshape(tf.broadcast_to(tf.cast(weights, self.dtype),
-                                                 tf.concat([tf.shape(inputs)[:-1], [1]], 0)), [-1])
-        self._seen.append((values, weights))
-
-    def _batch_moments(self, batch, target):
-        self._target = target
-        self._seen = []
-        _run(self.model, batch)
-        if not _reachable(self._seen):
-            raise _NotTraceable
-        values = tf.concat([values for values, _ in self._seen], 0)
-        weights = None
-        if any(w is not None for _, w in self._seen):
-            weights = tf.concat([tf.ones(tf.shape(v)[:1], self.dtype) if w is None else w
-                                 for v, w in self._seen], 0)
-        return _stats.moments(values, -1, weights)
+def _moments(layer, inputs, mask):
+    """``(count, mean, m2)`` of one call's inputs, in the layer's statistics dtype."""
+    moments = _backend.implementation().moments(inputs, layer.axis, mask)
+    return tuple(ops.cast(t, _stats_dtype(layer)) for t in moments)
 
 
 @contextlib.contextmanager
-def _collecting(hooks):
-    """While active, each layer in ``hooks`` hands each call's inputs and mask to its
-    hook (and skips its own initialisation)."""
-    for layer, hook in hooks.items():
-        layer._collect_moments = hook
+def _collecting(collect):
+    """While active, every ActNorm call hands ``(layer, inputs, mask)`` to ``collect``
+    (and does not initialise itself)."""
+    token = moments_collector.set(collect)
     try:
         yield
     finally:
-        for layer in hooks:
-            layer._collect_moments = None
+        moments_collector.reset(token)
+
+
+def _no_grad():
+    if keras.backend.backend() == "torch":
+        import torch  # noqa: PLC0415 (the torch backend only)
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def _run(model, batch):
+    """``model`` in inference mode. Under a name scope: in a traced TensorFlow function's
+    root scope, a model whose name starts with "_" would be refused as a scope name."""
+    with keras.name_scope("initialize"), _no_grad():
+        return model(batch, training=False)
 
 
 def _actnorm_layers_in_call_order(model, batch):
-    """ActNorm layers of ``model`` in the order a forward pass first calls them, and
-    how many times one forward pass calls each."""
-    layers = [layer for layer in _all_layers(model) if isinstance(layer, ActNorm)]
-    if not layers:
-        raise ValueError(f"initialize: {getattr(model, 'name', model)!r} has no ActNorm layer")
+    """The ActNorm layers a forward pass of ``model`` calls, in the order it first calls
+    them, and how many times it calls each (by ``id``)."""
     called = []
     try:
-        with _collecting({layer: lambda *_, layer=layer: called.append(layer) for layer in layers}):
-            model(batch, training=False)
+        with _collecting(lambda layer, inputs, mask: called.append(layer)):
+            _run(model, batch)
     except Exception as error:
         if hasattr(error, "add_note"):  # Python 3.11+
-            shapes = tf.nest.map_structure(lambda t: tuple(t.shape), batch)
+            shapes = keras.tree.map_structure(lambda t: tuple(t.shape), batch)
             error.add_note(
                 f"tf_actnorm.initialize: the model failed on the first batch of `data` (shape "
                 f"{shapes}). If `data` yields single examples rather than batches, batch it "
                 "first, e.g. `dataset.batch(n)`.")
         raise
-    calls = collections.Counter(called)
-    return list(dict.fromkeys(called)), calls
+    if not called:
+        raise ValueError(f"initialize: {getattr(model, 'name', model)!r} has no ActNorm layer "
+                         "that its forward pass calls")
+    calls = {}
+    for layer in called:
+        calls[id(layer)] = calls.get(id(layer), 0) + 1
+    return list({id(layer): layer for layer in called}.values()), calls
 
 
-def _all_layers(layer):
-    found = [layer]
-    for child in getattr(layer, "_flatten_layers", lambda **_: [])(include_self=False, recursive=True):
-        found.append(child)
-    return found
+def _assign_from_moments(layer, moments):
+    """Assign the parameters that standardise data with these moments (eagerly); raise
+    ``ValueError`` naming the layer, changing nothing, when they cannot."""
+    count, mean, m2 = moments
+    if not bool(ops.convert_to_numpy(_formulas.is_valid(ops, count, mean, m2))):
+        problem = ("an empty batch" if not bool(ops.convert_to_numpy(ops.all(count > 0)))
+                   else "data containing NaN or Inf")
+        raise ValueError(f"{layer.name}: cannot initialise from {problem}")
+    values = _formulas.init_from_inputs(ops, mean, _formulas.variance(ops, count, m2),
+                                        layer.epsilon)
+    # The parameters are initial + residual: the residuals stay, `initial = value - residual`.
+    for variable, residual, value in zip((layer.initial_bias, layer.initial_log_scale),
+                                         (layer.bias_residual, layer.log_scale_residual), values):
+        variable.assign(ops.cast(value, variable.dtype) - ops.convert_to_tensor(residual))
+    layer.initialized.assign(True)
+
+
+def _initialize_in_one_pass(model, targets, batch):
+    """Initialises ``targets`` (each called once per forward pass) in one eager forward
+    pass of ``model`` on ``batch``: each layer from its inputs, which the layers before
+    it have already normalised."""
+    wanted = {id(layer) for layer in targets}
+
+    def initialize_layer(layer, inputs, mask):
+        if id(layer) in wanted:
+            _assign_from_moments(layer, _moments(layer, inputs, mask))
+
+    with _collecting(initialize_layer):
+        _run(model, batch)
+
+
+class _Passes:
+    """Every layer's pass through one function of ``(batch, target)``, compiled once for
+    the model: the model in inference mode, returning per target layer the moments of
+    its inputs over all its calls; only the layer whose index is ``target`` computes
+    them (``ops.cond``), the others return zeros."""
+
+    def __init__(self, model, targets, first):
+        self.model, self.targets = model, targets
+        self._index = {id(layer): i for i, layer in enumerate(targets)}
+        self._eager_only = set()  # layers whose inputs a traced pass cannot return
+        self._step = _compile(self._all_moments, model, first)
+
+    def run(self, index, source, advance):
+        """The moments of ``targets[index]``'s inputs over all of ``source``'s batches;
+        ``advance(n)`` after each ``n`` batches."""
+        eager = index in self._eager_only
+        total = None
+        for batch, count in source.merged_batches():
+            if eager:
+                with _no_grad():
+                    moments = self._all_moments(lambda: _run(self.model, batch), index)
+            else:
+                moments = self._step(batch, index)
+            moments = moments[index]
+            total = moments if total is None else _formulas.combine(ops, total, moments)
+            advance(count)
+        return total
+
+    def _zeros(self, index):
+        layer = self.targets[index]
+        zeros = ops.zeros(layer.initial_bias.shape, _stats_dtype(layer))
+        return zeros, zeros, zeros
+
+    def _all_moments(self, forward, target):
+        """Runs ``forward()`` collecting; ``target`` is an int (eager) or a scalar tensor."""
+        seen = {}
+        traced = not isinstance(target, int)
+        reachable = _reachability()
+
+        def collect(layer, inputs, mask):
+            index = self._index.get(id(layer))
+            if index is None:
+                return
+            if not traced:
+                if index != target:
+                    return
+                moments = _moments(layer, inputs, mask)
+            elif not reachable():
+                self._eager_only.add(index)
+                return
+            else:
+                moments = ops.cond(ops.equal(target, index),
+                                   lambda: _moments(layer, inputs, mask),
+                                   lambda: self._zeros(index))
+            seen[index] = (moments if index not in seen
+                           else _formulas.combine(ops, seen[index], moments))
+
+        with _collecting(collect):
+            forward()
+        return tuple(seen.get(i, self._zeros(i)) for i in range(len(self.targets)))
+
+
+def _reachability():
+    """A check, made where a traced pass starts, that what is computed later is computed
+    in the traced function's own graph, not in a loop or branch of the model's, which
+    the function cannot return from (TensorFlow)."""
+    if keras.backend.backend() != "tensorflow":
+        return lambda: True
+    import tensorflow as tf  # noqa: PLC0415 (the TensorFlow backend only)
+
+    if tf.executing_eagerly():
+        return lambda: True
+    graph = tf.compat.v1.get_default_graph()
+    return lambda: tf.compat.v1.get_default_graph() is graph
+
+
+def _compile(all_moments, model, first):
+    """``step(batch, target_index)``: ``all_moments`` run on the model, compiled where the
+    backend compiles (traced once; other batch sizes retrace at most once on TensorFlow,
+    and compile once per batch shape on JAX)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        function = tf.function(lambda batch, target: all_moments(lambda: _run(model, batch), target),
+                               reduce_retracing=True, autograph=False)
+        # Traced now for any batch size (merged runs and a smaller last batch share it).
+        spec = tf.nest.map_structure(lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), first)
+        function.get_concrete_function(spec, tf.TensorSpec([], tf.int32))
+        return lambda batch, index: function(batch, tf.constant(index, tf.int32))
+    if backend == "jax":
+        import jax  # noqa: PLC0415
+
+        def stateless(trainable, non_trainable, batch, target):
+            def forward():
+                with keras.name_scope("initialize"):
+                    model.stateless_call(trainable, non_trainable, batch, training=False)
+            return all_moments(forward, target)
+
+        jitted = jax.jit(stateless)
+
+        def step(batch, index):
+            # The variables are read on every call: each pass sees the layers that the
+            # earlier passes initialised.
+            return jitted([v.value for v in model.trainable_variables],
+                          [v.value for v in model.non_trainable_variables],
+                          _distributed(batch), np.int32(index))
+
+        return step
+
+    def eager(batch, index):
+        with _no_grad():
+            return all_moments(lambda: _run(model, batch), index)
+
+    return eager
+
+
+def _distributed(batch):
+    """Under ``keras.distribution`` (JAX), ``batch`` laid out as the distribution lays
+    out a training batch (split over the devices by ``DataParallel``), so the sums over
+    it are all-reduced over the devices, as in a training step. A batch that does not
+    split evenly stays whole: the statistics are the same, on one device."""
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return batch
+
+    def lay_out(tensor):
+        layout = distribution.get_data_layout(tensor.shape)
+        split = math.prod(layout.device_mesh.shape[layout.device_mesh.axis_names.index(axis)]
+                          for axis in layout.axes[:1] if axis is not None)
+        if tensor.shape[0] % split:
+            return tensor
+        return keras.distribution.distribute_tensor(tensor, layout)
+
+    return keras.tree.map_structure(lay_out, batch)

@@ -1,10 +1,43 @@
 """The ActNorm Keras layer (TensorFlow, JAX and PyTorch backends)."""
 
+import contextvars
+import warnings
+import weakref
+
 import keras
 from keras import ops
+# Keras has no public way to ask which forward pass is running; these two name it:
+# the stateless scope of `stateless_call` (JAX's `fit`), else the call context that the
+# outermost `Layer.__call__` opens and closes.
+from keras.src.backend.common import global_state
+from keras.src.backend.common.stateless_scope import get_stateless_scope
 
 from tf_actnorm import _backend
 from tf_actnorm import _checks
+
+
+# While set (by `tf_actnorm.initialize`), a callable ``collect(layer, inputs, mask)``
+# that every ActNorm call hands its inputs to, instead of initialising itself.
+moments_collector = contextvars.ContextVar("tf_actnorm_moments_collector", default=None)
+
+
+def _current_forward_pass():
+    """An object that stays the same for the whole of one forward pass (None outside)."""
+    scope = get_stateless_scope()
+    if scope is not None:
+        return scope
+    return global_state.get_global_attribute("current_call_ctx")
+
+
+class _FirstTrainingCall:
+    """The first training-mode call of a forward pass: which pass (a weak reference),
+    whether it initialised the layer (what the backend's ``maybe_initialize`` returns),
+    and whether a later call of the pass has already reported it."""
+
+    def __init__(self, forward_pass, initialized):
+        self.forward_pass = weakref.ref(forward_pass)
+        self.initialized = initialized
+        self.reported = False
 
 
 @keras.saving.register_keras_serializable(package="tf_actnorm")
@@ -92,7 +125,8 @@ class ActNorm(keras.layers.Layer):
         self.epsilon = float(epsilon)
         self.supports_masking = True
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
-        self._collect_moments = None  # set by tf_actnorm.initialize while it streams data
+        self._first_training_call = None
+        self._warned_repeated_calls = False
 
     def build(self, input_shape):
         rank = len(input_shape)
@@ -154,13 +188,53 @@ class ActNorm(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         impl = _backend.implementation()
-        if self._collect_moments is not None:
-            self._collect_moments(inputs, mask)
+        collect = moments_collector.get()
+        if collect is not None:
+            collect(self, inputs, mask)
         elif self.trainable and training is not None and training is not False:
             # Keras' rule (BatchNormalization's): only training mode changes state, and
             # a frozen layer never does. `training` may be a bool tensor.
-            impl.maybe_initialize(self, inputs, mask, training)
+            self._maybe_initialize(impl, inputs, mask, training)
+        elif impl.exporting() and not impl.initialized_outside_trace(self):
+            # The same refusal as a TensorFlow SavedModel's (`_trackable_children`): a
+            # Python check while the export traces, which adds nothing to the graph.
+            raise _checks.never_initialised_for_export(self.name)
         return impl.forward(inputs, self.bias, self.log_scale, self.axis)
+
+    def _maybe_initialize(self, impl, inputs, mask, training):
+        """Initialise unless initialised, and warn (once) when one forward pass calls the
+        layer several times in training mode (``TimeDistributed`` calls ``call`` once per
+        step; a shared layer is called once per use) and the first call initialised it:
+        its statistics are those of the first call's inputs only.
+
+        Eagerly, whether the first call initialised is known when a later call comes
+        (read only then). In a traced step (a ``tf.function``, ``jax.jit``) it is a
+        tensor: TensorFlow decides at trace time from the flag's current value; JAX warns
+        from a host callback that runs only in the step that initialises.
+        """
+        forward_pass = _current_forward_pass()
+        first = self._first_training_call
+        if forward_pass is not None and first is not None and first.forward_pass() is forward_pass:
+            if not (first.reported or self._warned_repeated_calls):
+                first.reported = True
+                impl.run_if(first.initialized, self._warn_repeated_calls)
+            impl.maybe_initialize(self, inputs, mask, training)  # initialised: only reads the flag
+            return
+        initialized = impl.maybe_initialize(self, inputs, mask, training)
+        self._first_training_call = (
+            None if forward_pass is None else _FirstTrainingCall(forward_pass, initialized))
+
+    def _warn_repeated_calls(self):
+        if self._warned_repeated_calls:
+            return
+        self._warned_repeated_calls = True
+        warnings.warn(
+            f"ActNorm '{self.name}' is called more than once in one forward pass (inside "
+            "`TimeDistributed`, or as a shared layer), and its initialisation used the first "
+            "of these calls only: the outputs of the other calls are not standardised. To "
+            "initialise it from the inputs of every call, run "
+            "`tf_actnorm.initialize(model, data)` before training.",
+            UserWarning, stacklevel=2)
 
     def inverse(self, outputs):
         """``x = outputs / s - b``: the exact inverse of the layer (never initialises)."""

@@ -49,8 +49,41 @@ def run(distributed):
     }
 
 
+def run_initialize(distributed):
+    """``tf_actnorm.initialize`` streaming (one batch at a time, compiled passes) over
+    batches whose halves differ: the statistics of all of them."""
+    from tf_actnorm import init
+
+    init._MERGE_BYTES = 1
+    devices = keras.distribution.list_devices("cpu")
+    if distributed:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2, 3)), tf_actnorm.ActNorm(name="an"),
+                              keras.layers.Flatten(), keras.layers.Dense(3),
+                              tf_actnorm.ActNorm(name="an1")])
+    x = batches()
+    tf_actnorm.initialize(model, [x[:8], x[8:]], verbose=0)
+    hidden = model.layers[2](model.layers[1](model.layers[0](x)))
+    result = {
+        "devices": len(devices),
+        "sharding_devices": len(model.get_layer("an").initial_bias.value.sharding.device_set),
+        "bias": np.asarray(model.get_layer("an").bias).tolist(),
+        "log_scale": np.asarray(model.get_layer("an").log_scale).tolist(),
+        "hidden": np.asarray(hidden).tolist(),
+        "bias1": np.asarray(model.get_layer("an1").bias).tolist(),
+        "log_scale1": np.asarray(model.get_layer("an1").log_scale).tolist(),
+        "x": x.tolist(),
+    }
+    keras.distribution.set_distribution(None)
+    return result
+
+
 if __name__ == "__main__":
     assert keras.backend.backend() == "jax", keras.backend.backend()
     mode = sys.argv[1] if len(sys.argv) > 1 else "distributed"
-    print("RESULT " + json.dumps(run(mode == "distributed")))
+    if mode.startswith("initialize"):
+        print("RESULT " + json.dumps(run_initialize(mode == "initialize-distributed")))
+    else:
+        print("RESULT " + json.dumps(run(mode == "distributed")))
     print("jax", jax.__version__, file=sys.stderr)
