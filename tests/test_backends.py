@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 WITHOUT_TENSORFLOW = os.path.join(ROOT, "tests", "backends", "without_tensorflow")
 JAX_ONLY = "JAX backend only"
+TORCH_ONLY = "PyTorch backend only"
 
 
 def backend_env(backend, **extra):
@@ -77,21 +78,22 @@ def runs(tmp_path_factory):
 
 def _assert_passed(result, allowed_skip):
     assert result["returncode"] == 0, result["output"]
-    assert result["counts"].get("passed", 0) >= 15 and not result["counts"].get("failed"), result
+    assert result["counts"].get("passed", 0) >= 30 and not result["counts"].get("failed"), result
     for reason in result["skips"]:
-        assert allowed_skip and allowed_skip in reason, result["output"]
+        assert reason.endswith(allowed_skip), result["output"]
 
 
 def test_jax_backend_matrix_passes(runs):
     """Init, fit under jax.jit, modes, masks, inverse/log-det, mixed precision,
-    save/load, 0.1.0 migration, cross-backend .keras and DataParallel on 2 CPU
-    devices: every test of the sub-suite runs (none skipped) and passes."""
-    _assert_passed(runs["jax"], allowed_skip=None)
+    save/load, 0.1.0 migration, cross-backend .keras, initialize, repeated-call
+    warnings and DataParallel on 2 CPU devices: every test of the sub-suite runs and
+    passes; only tests of PyTorch-only APIs skip."""
+    _assert_passed(runs["jax"], allowed_skip=TORCH_ONLY)
 
 
 def test_torch_backend_matrix_passes(runs):
-    """The same matrix on PyTorch; only tests of JAX-only APIs (``jax.jit``,
-    ``keras.distribution``) skip, and nothing else may."""
+    """The same matrix on PyTorch, with the ONNX export route; only tests of JAX-only
+    APIs (``jax.jit``, ``keras.distribution``) skip, and nothing else may."""
     _assert_passed(runs["torch"], allowed_skip=JAX_ONLY)
 
 

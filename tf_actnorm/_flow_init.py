@@ -41,13 +41,6 @@ from tf_actnorm.init import _Source
 DIRECTIONS = ("forward", "inverse")
 
 
-def is_flow(obj):
-    """True for a TFP distribution or bijector (without importing TFP)."""
-    tfp = sys.modules.get("tensorflow_probability")
-    return tfp is not None and isinstance(
-        obj, (tfp.distributions.Distribution, tfp.bijectors.Bijector))
-
-
 class _NotTraceable(BaseException):
     """An ActNorm's inputs were seen inside a loop or branch of the traced flow."""
 

@@ -128,9 +128,9 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     """
     if steps is not None and (not isinstance(steps, (int, np.integer)) or steps < 1):
         raise ValueError(f"initialize: `steps` must be a positive integer or None, got {steps!r}")
-    from tf_actnorm import _flow_init  # noqa: PLC0415 (it imports `_Source` from here)
+    if _is_flow(model):
+        from tf_actnorm import _flow_init  # noqa: PLC0415 (TensorFlow; it imports `_Source` from here)
 
-    if _flow_init.is_flow(model):
         return _flow_init.initialize_flow(model, data, steps, batch_size, force, verbose,
                                           direction)
     if direction is not None:
@@ -172,6 +172,14 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
         "mean_abs_bias": float(np.mean(np.abs(ops.convert_to_numpy(layer.bias)))),
         "mean_scale": float(np.mean(np.exp(ops.convert_to_numpy(layer.log_scale)))),
     } for layer in targets}
+
+
+def _is_flow(obj):
+    """True for a TFP distribution or bijector. Asks TFP only where something imported it
+    already: a flow cannot exist before that, and no other backend needs TensorFlow."""
+    tfp = sys.modules.get("tensorflow_probability")
+    return tfp is not None and isinstance(
+        obj, (tfp.distributions.Distribution, tfp.bijectors.Bijector))
 
 
 class _Source:

@@ -4,7 +4,6 @@ The truths are numpy's statistics (``tests/util.py``) and one training call of a
 identical model on all the batches at once.
 """
 
-import importlib.util
 
 import keras
 import numpy as np
@@ -150,8 +149,8 @@ def test_an_initialised_layer_called_per_step_does_not_warn_in_fit(rng):
     assert initialised_layer_fit_warnings("time_distributed", step_data(rng)) == []
 
 
-@pytest.mark.skipif(BACKEND != "torch" or importlib.util.find_spec("onnxruntime") is None,
-                    reason="model.export(format='onnx') through PyTorch's exporter, onnxruntime")
+@pytest.mark.skipif(BACKEND != "torch",
+                    reason="model.export(format='onnx') through PyTorch's exporter: PyTorch backend only")
 def test_onnx_export_refuses_an_uninitialised_layer_and_serves_an_initialised_one(rng, tmp_path):
     """The same refusal (and message) as a TensorFlow SavedModel's; once initialised the
     export serves `predict`'s outputs in onnxruntime."""
