@@ -1,8 +1,9 @@
 """ActNorm's formulas, written once against an array namespace ``xp``.
 
-``xp`` is ``keras.ops`` (the JAX and PyTorch backends, see ``_ops``, and
+``xp`` is ``keras.ops`` (the JAX and PyTorch Keras backends, see ``_ops``, and
 ``tf_actnorm.initialize`` on every backend), :data:`tf_actnorm._math.TF` (TensorFlow
-ops, for the TensorFlow backend and the TFP bijector) or ``tf.math``. They provide
+ops, for the TensorFlow backend and the TFP bijector), ``tf.math``, or
+``tf_actnorm.torch.TORCH`` (plain PyTorch, for ``tf_actnorm.torch``). They provide
 ``sqrt``, ``maximum``, ``square``, ``log``, ``exp``, ``sum``, ``cast``, ``all``,
 ``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports
 no backend: it is what the TensorFlow path and the ``keras.ops`` path share.
@@ -10,6 +11,11 @@ no backend: it is what the TensorFlow path and the ``keras.ops`` path share.
 The transform is ``y = s * (x + b)`` with ``s = exp(log_scale)``, computed as one
 multiply-add on the big tensor, ``y = x * s + b * s``; its inverse is
 ``x = y * exp(-log_scale) - b``.
+
+``tf_actnorm.torch.ActNorm`` keeps taming-transformers' parametrisation instead: it
+trains the scale ``s`` itself (``loc`` = ``b``, ``scale`` = ``s``, any sign), so it
+uses the ``scale_*`` variants below, which give ``s`` where the others give
+``log_scale``, and ``log|s|`` in :func:`log_det`.
 """
 
 
@@ -34,13 +40,29 @@ def log_det(xp, log_scale, positions):
     return xp.cast(positions, total.dtype) * total
 
 
+def scale_forward_coefficients(bias, scale):
+    """:func:`forward_coefficients` for a trained scale ``s`` (not its log): ``(s, b * s)``."""
+    return scale, bias * scale
+
+
+def scale_inverse_coefficients(bias, scale):
+    """:func:`inverse_coefficients` for a trained scale ``s``: ``(1 / s, -b)``."""
+    return 1.0 / scale, -bias
+
+
 def mean(xp, count, total):
     """Per-channel mean from the count and the sum (0 where the count is 0)."""
     return total / xp.maximum(count, 1.0)
 
 
-def variance(xp, count, m2):
-    """Population variance (divide by the count), as ``tf.nn.moments`` gives."""
+def variance(xp, count, m2, ddof=0):
+    """Population variance (divide by the count), as ``tf.nn.moments`` gives.
+
+    ``ddof=1`` gives the sample variance (divide by ``count - 1``, as ``torch.std``
+    does by default), 0 rather than NaN for a single value.
+    """
+    if ddof:
+        count = count - ddof
     return m2 / xp.maximum(count, 1.0)
 
 
@@ -73,3 +95,15 @@ def init_from_outputs(xp, mean_, variance_, epsilon):
     ``x = y/s - b = (y - mean)/(std+eps)``, so ``s = std+eps`` and ``b = mean/s``."""
     scale = xp.sqrt(xp.maximum(variance_, 0.0)) + epsilon
     return mean_ / scale, xp.log(scale)
+
+
+def scale_init_from_inputs(xp, mean_, variance_, epsilon):
+    """:func:`init_from_inputs` for a trained scale: ``b = -mean``, ``s = 1/(std+eps)``."""
+    std = xp.sqrt(xp.maximum(variance_, 0.0))
+    return -mean_, 1.0 / (std + epsilon)
+
+
+def scale_init_from_outputs(xp, mean_, variance_, epsilon):
+    """:func:`init_from_outputs` for a trained scale: ``s = std+eps``, ``b = mean/s``."""
+    scale = xp.sqrt(xp.maximum(variance_, 0.0)) + epsilon
+    return mean_ / scale, scale
