@@ -73,6 +73,18 @@ def test_patchgan_discriminator(tmp_path):
     assert "images, ActNorm: 3 adversarial steps" in out
 
 
+def test_taming_discriminator(tmp_path):
+    out = run_example("taming_discriminator.py", tmp_path, "taming_discriminator.png")
+    layers = re.findall(r"^ +\d+ +\d+ +" + NUMBER + " +" + NUMBER + " to " + NUMBER + "$", out,
+                        re.MULTILINE)
+    assert len(layers) == 3  # one row per ActNorm of NLayerDiscriminator(n_layers=3)
+    for mean, low, high in (map(float, row) for row in layers):
+        assert mean < 1e-5 and 0.99 < low <= high < 1.001  # standardised by its first batch
+    assert numbers(r"ActNorm +" + NUMBER + " +" + NUMBER, out) == [0.0, 0.0]
+    assert min(numbers(r"BatchNorm2d +" + NUMBER + " +" + NUMBER, out)) > 1e-3
+    assert "ActNorm: step   2: D loss" in out
+
+
 def test_serve_savedmodel(tmp_path):
     out = run_example("serve_savedmodel.py", tmp_path, "serve_savedmodel.png")
     assert "server: tf_actnorm imported: False" in out
