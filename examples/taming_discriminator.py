@@ -32,7 +32,7 @@ parser.add_argument("--quick", action="store_true", help="tiny run, for smoke te
 parser.add_argument("--out", default=".", help="directory for taming_discriminator.png")
 args = parser.parse_args()
 os.makedirs(args.out, exist_ok=True)  # before training, so a bad --out fails fast
-steps, batch, ndf = (3, 8, 16) if args.quick else (200, 32, 64)
+steps, batch, ndf = (3, 8, 16) if args.quick else (100, 32, 32)
 torch.manual_seed(0)
 
 

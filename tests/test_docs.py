@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 API_OBJECTS = {"api/actnorm": "tf_actnorm.ActNorm",
                "api/actnorm-bijector": "tf_actnorm.ActNormBijector",
-               "api/initialize": "tf_actnorm.initialize"}
+               "api/initialize": "tf_actnorm.initialize",
+               "api/torch-actnorm": "tf_actnorm.torch.ActNorm"}
 
 
 @pytest.fixture(scope="module")

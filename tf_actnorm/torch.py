@@ -9,6 +9,7 @@ taming-transformers (``taming/modules/util.py``, copied by CogVideo), so existin
 checkpoints load as they are. See :class:`ActNorm` for what differs.
 """
 
+import inspect
 import types
 
 import torch
@@ -33,6 +34,14 @@ TORCH = types.SimpleNamespace(
     isfinite=torch.isfinite, logical_and=torch.logical_and)
 
 _REDUCED = (torch.bfloat16, torch.float16)
+
+# What `torch.compile(fullgraph=True)` says when asked to compile the initialisation
+# (`reason` is accepted by newer PyTorch versions only).
+_DISABLE_REASON = {"reason": "ActNorm initialises eagerly, once: run one training forward "
+                             "(or load an initialised state dict) before compiling with "
+                             "fullgraph=True"}
+if "reason" not in inspect.signature(torch.compiler.disable).parameters:
+    _DISABLE_REASON = {}
 
 
 def _affine(x, scale, shift):
@@ -114,10 +123,10 @@ class ActNorm(nn.Module):
     import torch
     from tf_actnorm.torch import ActNorm
 
-    norm = ActNorm(8)
+    norm = ActNorm(8)  # a module starts in train() mode
     x = 3.0 + 2.0 * torch.randn(16, 8, 4, 4)
-    h = norm(x)  # train() mode: this first batch initialises loc and scale
-    print(bool(norm.initialized), h.mean().abs() < 1e-5)
+    h = norm(x)        # this first batch initialises loc and scale
+    norm.eval()        # from now on, the same function in train() and eval()
     ```
     """
 
@@ -209,7 +218,7 @@ class ActNorm(nn.Module):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    @torch.compiler.disable
+    @torch.compiler.disable(**_DISABLE_REASON)
     @torch.no_grad()
     def _initialize(self, data, from_outputs):
         """Set ``loc`` and ``scale`` in place from ``data``'s moments (global under
