@@ -315,6 +315,11 @@ def test_state_dict_round_trips_into_a_fresh_instance():
     x = data(SHAPES[5], seed=7)  # a training forward must not re-initialise the copy
     for got, want in zip(fresh(x), trained(x)):
         assert torch.equal(got, want)
+    # Through a parent module too (the hook of every submodule runs).
+    parent = nn.Sequential(nn.Identity(), ActNorm(3, logdet=True))
+    parent.load_state_dict(nn.Sequential(nn.Identity(), trained).state_dict())
+    for got, want in zip(parent[1](x), trained(x)):
+        assert torch.equal(got, want)
     # An uninitialised state dict loads as uninitialised: the next training batch initialises.
     fresh.load_state_dict(ActNorm(3).state_dict())
     fresh(x)

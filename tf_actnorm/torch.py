@@ -1,6 +1,6 @@
 """ActNorm as a plain ``torch.nn.Module``, a drop-in for taming-transformers' ``ActNorm``.
 
-Importing this module needs PyTorch and NumPy only (no Keras, no TensorFlow)::
+Importing this module needs PyTorch only (no Keras, no TensorFlow)::
 
     from tf_actnorm.torch import ActNorm
 
