@@ -4,8 +4,11 @@
 
 Prints ``Device: ...`` and markdown rows in run.py's format. Same method as run.py
 (``pairing.compare_times``): warm-up, then rounds that time candidate and baseline
-back to back, alternating which goes first, each sample lasting ~50 ms (5 ms with
-``--quick``); medians of the times and of the per-round ratios. ``eager`` rows run the
+back to back, alternating which goes first, each sample lasting ~50 ms for the forward
+rows and ~250 ms (several steps) for the train steps (5 and 20 ms with ``--quick``);
+medians of the times and of the per-round ratios. ``--threads N`` sets
+``torch.set_num_threads`` (default: PyTorch's choice); on a CPU shared with other jobs,
+one thread gives steadier ratios, since a multi-threaded op waits for its slowest thread. ``eager`` rows run the
 modules as they are; ``compile`` rows run ``torch.compile`` of both sides (the
 default inductor backend), compiled during the warm-up.
 
@@ -67,8 +70,9 @@ def _sync(out):
     del out  # CPU ops are synchronous; nothing to wait for
 
 
-def compare_times(candidate, baseline, args):
-    return pairing.compare_times(candidate, baseline, args.repeats, args.sample_s, sync=_sync)
+def compare_times(candidate, baseline, args, sample_s=None):
+    return pairing.compare_times(candidate, baseline, args.repeats, sample_s or args.sample_s,
+                                 sync=_sync)
 
 
 def row(row_id, candidate, baseline, ratio, target, note):
@@ -139,7 +143,8 @@ def train_step_rows(args):
                  for norm in ("actnorm", "batchnorm", "taming", "none")}
         for base, target, label in TRAIN_BASELINES:
             tc, tb, ratio = compare_times(lambda: steps["actnorm"](x),
-                                          lambda: steps[base](x), args)  # noqa: B023
+                                          lambda: steps[base](x),  # noqa: B023
+                                          args, args.train_sample_s)
             extra = ("; taming's forward breaks the graph at `initialized.item()`"
                      if compiled and base == "taming" else "")
             row(f"torch/train step/{mode}/Conv2d+ActNorm vs {label}", tc, tb, ratio, target,
@@ -162,12 +167,16 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small shapes, short samples")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="eager rows only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--only", choices=("forward", "train"), action="append",
                         help="run these groups only (repeatable)")
     args = parser.parse_args()
     if args.repeats is None:
         args.repeats = 5 if args.quick else 21
     args.sample_s = 0.005 if args.quick else 0.05
+    args.train_sample_s = 0.02 if args.quick else 0.25
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"Device: PyTorch {torch.__version__} on CPU ({_cpu_name()}, "
           f"{torch.get_num_threads()} threads)", flush=True)
     print("| row | candidate | baseline | ratio | target | result | notes |")
