@@ -3,7 +3,7 @@
     python benchmarks/torch_rows.py [--quick] [--repeats N] [--no-compile] [--only forward|train]
 
 Prints ``Device: ...`` and markdown rows in run.py's format. Same method as run.py
-(``pairing.compare_times``): warm-up, then rounds that time candidate and baseline
+(``pairing.py``; rows printed by ``report.py``): warm-up, then rounds that time candidate and baseline
 back to back, alternating which goes first, each sample lasting ~50 ms for the forward
 rows and ~250 ms (several steps) for the train steps (5 and 20 ms with ``--quick``);
 medians of the times and of the per-round ratios. ``--threads N`` sets
@@ -22,17 +22,16 @@ default inductor backend), compiled during the warm-up.
 
 import argparse
 import os
-import platform
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `pairing` lies beside this file
-# Measure this checkout's tf_actnorm, not whichever copy is installed.
+# Measure this checkout's tf_actnorm, and import the modules beside this file as the
+# package `benchmarks` (neither imports a framework).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import pairing  # noqa: E402 (beside this script)
+from benchmarks import pairing, report  # noqa: E402
 from tf_actnorm.torch import ActNorm  # noqa: E402
 
 FORWARD_TARGET = 1.05
@@ -76,13 +75,8 @@ def compare_times(candidate, baseline, args, sample_s=None):
 
 
 def row(row_id, candidate, baseline, ratio, target, note):
-    if target is None:
-        verdict, target_text = "info", "—"
-    else:
-        verdict, target_text = ("PASS" if ratio <= target else "FAIL"), f"≤ {target:.2f}×"
-    cells = (row_id, f"{candidate * 1e3:.3f} ms", f"{baseline * 1e3:.3f} ms", f"{ratio:.3f}×",
-             target_text, verdict, note)
-    print("| " + " | ".join(cells) + " |", flush=True)
+    report.print_row(report.row_cells(row_id, report.ms(candidate), report.ms(baseline), ratio,
+                                      target, note=note))
 
 
 def _modes(args):
@@ -151,17 +145,6 @@ def train_step_rows(args):
                 note + extra)
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short samples")
@@ -177,10 +160,10 @@ def main():
     args.train_sample_s = 0.02 if args.quick else 0.25
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"Device: PyTorch {torch.__version__} on CPU ({_cpu_name()}, "
-          f"{torch.get_num_threads()} threads)", flush=True)
-    print("| row | candidate | baseline | ratio | target | result | notes |")
-    print("|---|---:|---:|---:|---:|:---:|---|", flush=True)
+    print(f"Device: PyTorch {torch.__version__} on CPU, {torch.get_num_threads()} threads; "
+          f"{report.cpu_description()}; {report.system_description()}; "
+          f"load average {report.load_average()}", flush=True)
+    report.Table.header()
     groups = args.only or ("forward", "train")
     if "forward" in groups:
         forward_rows(args)

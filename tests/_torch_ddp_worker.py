@@ -93,4 +93,8 @@ def main():
 
 
 if __name__ == "__main__":
+    # As in an environment with PyTorch only: `tf_actnorm.torch` must need neither Keras
+    # nor TensorFlow (and the workers start faster without them).
+    sys.modules["keras"] = None
+    sys.modules["tensorflow"] = None
     main()

@@ -6,7 +6,7 @@ Importing this module needs PyTorch only (no Keras, no TensorFlow)::
 
 Same constructor, call, parameters and state-dict keys as the ``ActNorm`` of
 taming-transformers (``taming/modules/util.py``, copied by CogVideo), so existing
-checkpoints load as they are. See :class:`ActNorm` for what differs.
+checkpoints load as they are. ``ActNorm``'s docstring says what differs.
 """
 
 import inspect
@@ -160,7 +160,7 @@ class ActNorm(nn.Module):
 
     def forward(self, input, reverse=False):
         """``h = scale * (input + loc)``, or ``(h, logdet)`` if ``logdet``;
-        ``reverse=True`` is :meth:`reverse`. Initialises first in ``train()`` mode."""
+        ``reverse=True`` is ``reverse(input)``. Initialises first in ``train()`` mode."""
         if reverse:
             return self.reverse(input)
         self._check_input(input, "input")
