@@ -67,7 +67,7 @@ def _sync_flag(module, incompatible_keys):
 
 
 class ActNorm(nn.Module):
-    r"""Activation Normalization (Glow), with taming-transformers' interface.
+    """Activation Normalization (Glow), with taming-transformers' interface.
 
     ``h = scale * (input + loc)`` per channel (dim 1 of an input of rank 2 to 5:
     ``[B, C]``, ``[B, C, L]``, ``[B, C, H, W]`` or ``[B, C, T, H, W]``). The first
@@ -98,6 +98,10 @@ class ActNorm(nn.Module):
     * ``reverse`` first in training (with ``allow_reverse_init=True``) initialises so
       that ``reverse`` standardises its input: ``scale = std + eps``,
       ``loc = mean / scale`` (taming applies the forward's formulas to that input).
+    * Once initialised, ``forward`` has no data-dependent branch (a Python copy of
+      ``initialized``, re-read by ``load_state_dict``), so
+      ``torch.compile(module, fullgraph=True)`` gives one graph in training too; the
+      initialising forward itself runs eagerly.
     * Ranks 2 to 5; the output has the input's dtype (as ``BatchNorm2d``), and the
       log-determinant the parameters' dtype.
 
@@ -106,7 +110,8 @@ class ActNorm(nn.Module):
         logdet: If true, ``forward`` returns ``(h, logdet)``, ``logdet`` of shape
             ``[B]``: ``log|det dh/dinput|`` per example,
             ``(positions per channel) * sum_c log|scale_c|``, computed in O(C)
-            (positions: ``H * W`` for rank 4, ``T * H * W`` for rank 5, 1 for rank 2).
+            (positions: 1 for rank 2, ``L`` for rank 3, ``H * W`` for rank 4,
+            ``T * H * W`` for rank 5).
         affine: Must be true (as in taming's class, which asserts it).
         allow_reverse_init: Whether ``reverse`` may initialise (see above);
             otherwise ``reverse`` before initialisation in training raises
