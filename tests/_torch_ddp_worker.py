@@ -16,6 +16,7 @@ Scenarios:
   trained for :data:`DDP_STEPS` steps on 2 examples per rank: the final state dict.
 """
 
+import faulthandler
 import os
 import sys
 
@@ -62,6 +63,8 @@ def ddp_batch(step, rank, world_size):
 def main():
     rank, world_size, port, out_dir = (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
                                        sys.argv[4])
+    # Were a collective to wait forever, say where and exit before the test's deadline.
+    faulthandler.dump_traceback_later(60, exit=True)
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -87,6 +90,8 @@ def main():
             optimizer.step()
         results["ddp"] = {k: v.clone() for k, v in model.state_dict().items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        del ddp
+        dist.barrier()  # both ranks are done with every collective
     finally:
         dist.destroy_process_group()
     print("OK", flush=True)
@@ -98,3 +103,6 @@ if __name__ == "__main__":
     sys.modules["keras"] = None
     sys.modules["tensorflow"] = None
     main()
+    # Exit without the interpreter's teardown: a gloo/DDP destructor run there can wait
+    # for a peer that has already exited (seen as an occasional hang after "OK").
+    os._exit(0)

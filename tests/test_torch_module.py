@@ -407,7 +407,7 @@ def ranks():
             stderr=subprocess.STDOUT, text=True, start_new_session=True)
             for rank in range(world_size)]
         try:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 90
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
                 if any(p.poll() not in (None, 0) for p in procs):
                     break  # one crashed: the other would wait for it forever
