@@ -104,5 +104,5 @@ if __name__ == "__main__":
     sys.modules["tensorflow"] = None
     main()
     # Exit without the interpreter's teardown: a gloo/DDP destructor run there can wait
-    # for a peer that has already exited (seen as an occasional hang after "OK").
+    # for a peer that has already exited.
     os._exit(0)
