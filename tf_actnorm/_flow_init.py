@@ -41,10 +41,6 @@ from tf_actnorm.init import _Source
 DIRECTIONS = ("forward", "inverse")
 
 
-class _NotTraceable(BaseException):
-    """An ActNorm's inputs were seen inside a loop or branch of the traced flow."""
-
-
 def initialize_flow(flow, data, steps, batch_size, force, verbose, direction):
     """``tf_actnorm.initialize`` for a distribution or a bijector (see there)."""
     run = _data_direction(flow, direction)
@@ -267,14 +263,15 @@ class _Passes:
         self.run = run
         self.order, self._index = [], {}
         self._step = tf.function(self._moments, reduce_retracing=True, autograph=False)
+        self._traceable = True  # cleared by the trace if the moments are out of its reach
         try:
             # Any batch size: merged batches and a last, smaller one share the trace.
             self._step.get_concrete_function(_spec(batch), tf.TensorSpec([], tf.int32))
-        except _NotTraceable:
-            self._step = self._eager_moments
         except Exception as error:
             _add_note(error, batch)
             raise
+        if not self._traceable:
+            self._step = self._eager_moments
         if not self.order:
             raise ValueError(f"initialize: {name!r} runs no ActNormBijector on its data")
 
@@ -312,7 +309,8 @@ class _Passes:
         if not tf.executing_eagerly() and any(
                 t.graph is not tf.compat.v1.get_default_graph()
                 for moments in seen.values() for t in moments):
-            raise _NotTraceable
+            self._traceable = False  # the passes run eagerly; this trace's outputs go unused
+            return []
         return [_stats.Moments(*(tf.cast(t, _zero_moments(call.bijector).count.dtype)
                                  for t in seen[i]))
                 for i, call in enumerate(self.order)]
