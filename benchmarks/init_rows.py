@@ -24,77 +24,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tf_actnorm  # noqa: E402
-
-
-class Conv1x1(keras.layers.Layer):
-    """An invertible 1x1 convolution (a [C, C] matrix starting as a rotation)."""
-
-    def build(self, input_shape):
-        c = input_shape[-1]
-        rotation = np.linalg.qr(np.random.default_rng(c).normal(size=(c, c)))[0]
-        self.kernel = self.add_weight(shape=(c, c),
-                                      initializer=keras.initializers.Constant(rotation))
-
-    def call(self, x):
-        log_det = ops.log(ops.abs(ops.linalg.det(self.kernel)))
-        return ops.matmul(x, self.kernel), float(x.shape[1] * x.shape[2]) * log_det
-
-
-class FlowStep(keras.layers.Layer):
-    def __init__(self, hidden, **kwargs):
-        super().__init__(**kwargs)
-        self.actnorm, self.conv1x1, self.hidden = tf_actnorm.ActNorm(), Conv1x1(), hidden
-
-    def build(self, input_shape):
-        self.net = keras.Sequential([
-            keras.layers.Conv2D(self.hidden, 3, padding="same", use_bias=False),
-            tf_actnorm.ActNorm(), keras.layers.ReLU(),
-            keras.layers.Conv2D(self.hidden, 1, use_bias=False),
-            tf_actnorm.ActNorm(), keras.layers.ReLU(),
-            keras.layers.Conv2D(input_shape[-1], 3, padding="same", kernel_initializer="zeros"),
-        ])
-
-    def call(self, x, training=None):
-        y = self.actnorm(x, training=training)
-        log_det = self.actnorm.forward_log_det_jacobian(x)
-        y, conv_log_det = self.conv1x1(y)
-        y_a, y_b = ops.split(y, 2, axis=-1)
-        shift, raw = ops.split(self.net(y_a, training=training), 2, axis=-1)
-        scale = ops.sigmoid(raw + 2.0)
-        log_det = log_det + conv_log_det + ops.sum(ops.log(scale), axis=(1, 2, 3))
-        return ops.concatenate([y_a, (y_b + shift) * scale], axis=-1), log_det
-
-
-def _space_to_depth(x):
-    b, h, w, c = x.shape
-    x = ops.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
-    return ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, h // 2, w // 2, 4 * c))
-
-
-class GlowLike(keras.Model):
-    """Two levels of ``steps`` flow steps on [8, 8, 1] images (subclassed)."""
-
-    def __init__(self, steps, hidden):
-        super().__init__()
-        self.levels = [[FlowStep(hidden) for _ in range(steps)] for _ in range(2)]
-
-    def call(self, x, training=None):
-        h, log_det, latents = _space_to_depth(x), 0.0, []
-        for i, level in enumerate(self.levels):
-            if i:
-                z, h = ops.split(h, 2, axis=-1)
-                latents.append(z)
-                h = _space_to_depth(h)
-            for step in level:
-                h, step_log_det = step(h, training=training)
-                log_det = log_det + step_log_det
-        latents.append(h)
-        log_prior = sum(ops.sum(-0.5 * z ** 2, axis=(1, 2, 3)) for z in latents)
-        return log_prior + log_det
+from benchmarks.glow_model import GlowLike  # noqa: E402
 
 
 def _train_step(model):

@@ -9,17 +9,17 @@
   global pooling and a dense softmax, for ``model.fit``.
 * ``conv_norm_conv`` and ``glow_step``: ``(loss_fn, variables)`` of networks whose
   saved activations the memory rows read.
-* ``GlowLike`` / ``flow_train_step`` and ``dense_model``: the models that
+* ``GlowLike`` (from ``glow_model.py``) / ``flow_train_step`` and ``dense_model``: the models that
   ``tf_actnorm.initialize`` is timed on.
 """
 
 import keras
 import numpy as np
-import scipy.linalg
 import tensorflow as tf
 from tensorflow_probability.python.bijectors import glow
 
 import tf_actnorm
+from benchmarks.glow_model import GlowLike  # noqa: F401 (the rows' Glow-like flow)
 
 
 class PlainAffine(keras.layers.Layer):
@@ -166,79 +166,6 @@ def glow_step(actnorm, x):
         return 0.5 * tf.reduce_mean(tf.square(z)) - tf.reduce_mean(log_det) / x.shape[1:].num_elements()
 
     return loss_fn, step.trainable_variables
-
-
-class Conv1x1(keras.layers.Layer):
-    """Glow's invertible 1x1 convolution, LU-decomposed (as in examples/glow_digits.py)."""
-
-    def build(self, input_shape):
-        c = input_shape[-1]
-        rotation = np.linalg.qr(np.random.default_rng(c).normal(size=(c, c)))[0]
-        p, lower, upper = scipy.linalg.lu(rotation)
-        s = np.diag(upper)
-        self.p, self.sign_s = p.astype("float32"), np.sign(s).astype("float32")
-        self.mask = np.tril(np.ones((c, c), "float32"), -1)
-        constant = keras.initializers.Constant
-        self.lower = self.add_weight(shape=(c, c), initializer=constant(lower))
-        self.upper = self.add_weight(shape=(c, c), initializer=constant(np.triu(upper, 1)))
-        self.log_s = self.add_weight(shape=(c,), initializer=constant(np.log(np.abs(s))))
-
-    def call(self, x):
-        lower = self.lower * self.mask + tf.eye(self.mask.shape[0])
-        upper = self.upper * self.mask.T + tf.linalg.diag(self.sign_s * tf.exp(self.log_s))
-        positions = float(x.shape[1] * x.shape[2])
-        return x @ (tf.matmul(self.p, lower) @ upper), positions * tf.reduce_sum(self.log_s)
-
-
-class FlowStep(keras.layers.Layer):
-    """examples/glow_digits.py's flow step: ActNorm -> 1x1 conv -> affine coupling whose
-    network has two ActNorm layers."""
-
-    def __init__(self, hidden, **kwargs):
-        super().__init__(**kwargs)
-        self.actnorm, self.conv1x1, self.hidden = tf_actnorm.ActNorm(), Conv1x1(), hidden
-
-    def build(self, input_shape):
-        self.net = keras.Sequential([
-            keras.layers.Conv2D(self.hidden, 3, padding="same", use_bias=False),
-            tf_actnorm.ActNorm(), keras.layers.ReLU(),
-            keras.layers.Conv2D(self.hidden, 1, use_bias=False),
-            tf_actnorm.ActNorm(), keras.layers.ReLU(),
-            keras.layers.Conv2D(input_shape[-1], 3, padding="same", kernel_initializer="zeros"),
-        ])
-
-    def call(self, x, training=None):
-        y = self.actnorm(x, training=training)
-        log_det = self.actnorm.forward_log_det_jacobian(x)
-        y, conv_log_det = self.conv1x1(y)
-        y_a, y_b = tf.split(y, 2, axis=-1)
-        shift, raw = tf.split(self.net(y_a, training=training), 2, axis=-1)
-        scale = tf.sigmoid(raw + 2.0)
-        log_det += conv_log_det + tf.reduce_sum(tf.math.log(scale), axis=[1, 2, 3])
-        return tf.concat([y_a, (y_b + shift) * scale], axis=-1), log_det
-
-
-class GlowLike(keras.Model):
-    """examples/glow_digits.py's multi-scale flow on [8, 8, 1] (subclassed), deeper:
-    ``steps`` flow steps per level, 3 ActNorm layers each."""
-
-    def __init__(self, steps, hidden):
-        super().__init__()
-        self.levels = [[FlowStep(hidden) for _ in range(steps)] for _ in range(2)]
-
-    def call(self, x, training=None):
-        h, log_det, latents = tf.nn.space_to_depth(x, 2), 0.0, []
-        for i, level in enumerate(self.levels):
-            if i:
-                z, h = tf.split(h, 2, axis=-1)
-                latents.append(z)
-                h = tf.nn.space_to_depth(h, 2)
-            for step in level:
-                h, step_log_det = step(h, training=training)
-                log_det += step_log_det
-        latents.append(h)
-        log_prior = tf.add_n([tf.reduce_sum(-0.5 * z**2, axis=[1, 2, 3]) for z in latents])
-        return log_prior + log_det
 
 
 def flow_train_step(model):

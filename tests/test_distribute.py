@@ -16,7 +16,6 @@ replicas' batches (``s = std + eps``, ``b = mean / s`` when the bijector's
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.util import kill_process_group
 
 WORKER = Path(__file__).with_name("_distribute_worker.py")
 ROOT = WORKER.parent.parent
@@ -44,16 +45,6 @@ def _env(**extra):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
-
-
-def _kill(proc):
-    """Kill the process and everything it started (it leads its own session)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
 
 
 def _run_workers(mode, envs, timeout):
@@ -81,7 +72,7 @@ def _run_workers(mode, envs, timeout):
             timed_out = any(p.poll() is None for p in procs)
         finally:
             for p in procs:
-                _kill(p)
+                kill_process_group(p)
         results = []
         for i, (p, out) in enumerate(zip(procs, outs)):
             out.seek(0)

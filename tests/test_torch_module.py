@@ -4,7 +4,6 @@ from its published definition, autograd Jacobians, round trips, and a single-pro
 run on the concatenated batch for ``torch.distributed``."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from tests import _torch_ddp_worker as ddp_worker
+from tests.util import kill_process_group
 from tf_actnorm.torch import ActNorm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,15 +386,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _kill(proc):
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
 @pytest.fixture(scope="module")
 def ranks():
     """Each rank's results, from 2 gloo processes on 127.0.0.1 (a hard deadline)."""
@@ -414,7 +405,7 @@ def ranks():
                 time.sleep(0.1)
         finally:
             for p in procs:
-                _kill(p)
+                kill_process_group(p)
         for rank, p in enumerate(procs):
             if p.returncode != 0:
                 pytest.fail(f"rank {rank}: returncode {p.returncode}\n{p.stdout.read()[-4000:]}")

@@ -1,6 +1,19 @@
 """Helpers shared by the tests."""
 
+import os
+import signal
+
 import numpy as np
+
+
+def kill_process_group(proc):
+    """Kill a subprocess and everything it started (it leads its own session), and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def snapshot(obj):

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from tf_actnorm import _stats
 from tf_actnorm.init import _Source
+from tf_actnorm.init import add_first_batch_note
 
 DIRECTIONS = ("forward", "inverse")
 
@@ -198,15 +199,6 @@ class _FirstCall:
         return state.can_initialize() and not bool(state.initialized.numpy())
 
 
-def _add_note(error, batch):
-    if hasattr(error, "add_note"):  # Python 3.11+
-        shapes = tf.nest.map_structure(lambda t: tuple(t.shape), batch)
-        error.add_note(
-            f"tf_actnorm.initialize: the flow failed on the first batch of `data` (shape "
-            f"{shapes}). If `data` yields single examples rather than batches, batch it "
-            "first, e.g. `dataset.batch(n)`.")
-
-
 class _OnePass:
     """One eager pass that initialises each ActNorm from its inputs when the data first
     reaches it (those ``force`` or their state select), before they go on."""
@@ -221,7 +213,7 @@ class _OnePass:
             with _Interception(self._initialize):
                 _run_eagerly(run, batch)
         except Exception as error:
-            _add_note(error, batch)
+            add_first_batch_note(error, "flow", batch)
             raise
         if not self.seen:
             raise ValueError(f"initialize: {self.name!r} runs no ActNormBijector on its data")
@@ -268,7 +260,7 @@ class _Passes:
             # Any batch size: merged batches and a last, smaller one share the trace.
             self._step.get_concrete_function(_spec(batch), tf.TensorSpec([], tf.int32))
         except Exception as error:
-            _add_note(error, batch)
+            add_first_batch_note(error, "flow", batch)
             raise
         if not self._traceable:
             self._step = self._eager_moments

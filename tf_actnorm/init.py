@@ -361,6 +361,17 @@ def _run(model, batch):
         return model(batch, training=False)
 
 
+def add_first_batch_note(error, what, batch):
+    """Adds to ``error`` (Python 3.11+) that ``what`` (the model, the flow) failed on the
+    first batch of ``data``, with its shape and the usual cause: unbatched data."""
+    if hasattr(error, "add_note"):
+        shapes = keras.tree.map_structure(lambda t: tuple(t.shape), batch)
+        error.add_note(
+            f"tf_actnorm.initialize: the {what} failed on the first batch of `data` (shape "
+            f"{shapes}). If `data` yields single examples rather than batches, batch it "
+            "first, e.g. `dataset.batch(n)`.")
+
+
 def _actnorm_layers_in_call_order(model, batch):
     """The ActNorm layers a forward pass of ``model`` calls, in the order it first calls
     them, and how many times it calls each (by ``id``)."""
@@ -369,12 +380,7 @@ def _actnorm_layers_in_call_order(model, batch):
         with _collecting(lambda layer, inputs, mask: called.append(layer)):
             _run(model, batch)
     except Exception as error:
-        if hasattr(error, "add_note"):  # Python 3.11+
-            shapes = keras.tree.map_structure(lambda t: tuple(t.shape), batch)
-            error.add_note(
-                f"tf_actnorm.initialize: the model failed on the first batch of `data` (shape "
-                f"{shapes}). If `data` yields single examples rather than batches, batch it "
-                "first, e.g. `dataset.batch(n)`.")
+        add_first_batch_note(error, "model", batch)
         raise
     if not called:
         raise ValueError(f"initialize: {getattr(model, 'name', model)!r} has no ActNorm layer "
