@@ -30,6 +30,14 @@ def in_xla_context():
     return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+def cannot_initialise(name, has_data):
+    """The message for data that cannot initialise ActNorm ``name`` (``has_data``: False
+    for an empty batch, True for data containing NaN or Inf), the same on every backend,
+    for the layer, the bijector and the PyTorch module."""
+    problem = "data containing NaN or Inf" if has_data else "an empty batch"
+    return f"{name}: cannot initialise from {problem}"
+
+
 def never_initialised_for_export(name):
     """The error raised when a model is exported for serving with an ActNorm that never
     initialised (every backend, every export route)."""

@@ -23,6 +23,7 @@ import warnings
 import keras
 from keras import ops
 
+from tf_actnorm import _checks
 from tf_actnorm import _formulas
 
 
@@ -181,6 +182,5 @@ def maybe_initialize(layer, inputs, mask, training):
     layer.initialized.assign(ops.logical_or(initialized, valid))
     if not _is_traced(needed) and bool(needed) and not bool(valid):
         # Eager: nothing was assigned (`valid` is False); say why.
-        problem = "an empty batch" if not bool(has_data) else "data containing NaN or Inf"
-        raise ValueError(f"{layer.name}: cannot initialise from {problem}")
+        raise ValueError(_checks.cannot_initialise(layer.name, bool(has_data)))
     return valid

@@ -16,8 +16,9 @@ How the "init once" guard is built, and why:
 * Bad data (empty batch, NaN/Inf): nothing is assigned; eager code raises
   ``ValueError`` naming the owner, a traced function an ``InvalidArgumentError``
   with the same message (from assertions that run before the assignments). XLA
-  compiles assertions away, so the assignment itself also keeps the old values and leaves ``initialized`` False when the
-  statistics are invalid: state never changes on bad data, under XLA too.
+  compiles assertions away, so the assignment itself also keeps the old values and
+  leaves ``initialized`` False when the statistics are invalid: state never changes on
+  bad data, under XLA too.
 """
 
 import tensorflow as tf
@@ -101,9 +102,8 @@ class ActNormState:
         if tf.executing_eagerly():
             # Eager code raises a plain ValueError, as on the other Keras backends.
             if bool(needed) and not bool(valid):
-                problem = ("an empty batch" if not bool(_stats.has_data(moments))
-                           else "data containing NaN or Inf")
-                raise ValueError(f"{self.name}: cannot initialise from {problem}")
+                raise ValueError(
+                    _checks.cannot_initialise(self.name, bool(_stats.has_data(moments))))
             checks = []
         else:
             checks = _stats.check(moments, self.name, enabled=needed)

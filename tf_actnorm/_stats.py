@@ -172,7 +172,7 @@ def check(m, name, enabled=True):
     skip = tf.logical_not(tf.cast(enabled, tf.bool))
     return [
         tf.debugging.Assert(tf.logical_or(skip, has_data(m)),
-                            [f"{name}: cannot initialise from an empty batch"]),
+                            [_checks.cannot_initialise(name, has_data=False)]),
         tf.debugging.Assert(tf.logical_or(skip, _is_finite(m)),
-                            [f"{name}: cannot initialise from data containing NaN or Inf"]),
+                            [_checks.cannot_initialise(name, has_data=True)]),
     ]

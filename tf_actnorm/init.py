@@ -41,6 +41,7 @@ import numpy as np
 from keras import ops
 
 from tf_actnorm import _backend
+from tf_actnorm import _checks
 from tf_actnorm import _formulas
 from tf_actnorm.layer import moments_collector
 
@@ -396,9 +397,8 @@ def _assign_from_moments(layer, moments):
     ``ValueError`` naming the layer, changing nothing, when they cannot."""
     count, mean, m2 = moments
     if not bool(ops.convert_to_numpy(_formulas.is_valid(ops, count, mean, m2))):
-        problem = ("an empty batch" if not bool(ops.convert_to_numpy(ops.all(count > 0)))
-                   else "data containing NaN or Inf")
-        raise ValueError(f"{layer.name}: cannot initialise from {problem}")
+        has_data = bool(ops.convert_to_numpy(ops.all(count > 0)))
+        raise ValueError(_checks.cannot_initialise(layer.name, has_data))
     values = _formulas.init_from_inputs(ops, mean, _formulas.variance(ops, count, m2),
                                         layer.epsilon)
     # The parameters are initial + residual: the residuals stay, `initial = value - residual`.

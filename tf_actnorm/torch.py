@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tf_actnorm import _checks
 from tf_actnorm import _formulas
 
 __all__ = ["ActNorm"]
@@ -246,8 +247,7 @@ class ActNorm(nn.Module):
         if group is not None:
             dist.all_reduce(m2, group=group)
         if not bool(_formulas.is_valid(TORCH, count, mean, m2)):
-            problem = "an empty batch" if not count > 0 else "data containing NaN or Inf"
-            raise ValueError(f"ActNorm: cannot initialise from {problem}")
+            raise ValueError(_checks.cannot_initialise("ActNorm", bool(count > 0)))
         variance = _formulas.variance(TORCH, count, m2, ddof=1 if self.unbiased else 0)
         init = _formulas.scale_init_from_outputs if from_outputs else _formulas.scale_init_from_inputs
         loc, scale = init(TORCH, mean, variance, self.eps)
