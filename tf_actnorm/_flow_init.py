@@ -271,8 +271,11 @@ class _Passes:
         """``(moments of call's inputs, n)`` for each run of ``n`` batches of ``source``."""
         target = self.order.index(call)
         index = tf.constant(target, tf.int32)
+        zeros = _zero_moments(call.bijector)
+        channels = zeros.count.shape[0]
         for batch, count in source.merged_batches():
-            yield self._step(batch, index)[target], count
+            padded = self._step(batch, index)
+            yield _stats.Moments(*(tf.cast(t[:channels], zeros.count.dtype) for t in padded)), count
 
     def _eager_moments(self, batch, target):
         return self._moments(_fresh(batch), target)
@@ -289,7 +292,7 @@ class _Passes:
             if index in seen:
                 return [], data
             rows = tf.shape(data)[0]
-            seen[index] = _stats.moments(data[:tf.where(tf.equal(target, index), rows, 0)],
+            seen[index] = _channels_last(data[:tf.where(tf.equal(target, index), rows, 0)],
                                          bijector.axis)
             return [], data[:tf.where(target > index, rows, 0)]
 
@@ -299,13 +302,27 @@ class _Passes:
             raise ValueError("initialize: a later batch did not reach every ActNorm "
                              "(a flow whose path depends on the batch?)")
         if not tf.executing_eagerly() and any(
-                t.graph is not tf.compat.v1.get_default_graph()
-                for moments in seen.values() for t in moments):
+                t.graph is not tf.compat.v1.get_default_graph() for t in seen.values()):
             self._traceable = False  # the passes run eagerly; this trace's outputs go unused
             return []
-        return [_stats.Moments(*(tf.cast(t, _zero_moments(call.bijector).count.dtype)
-                                 for t in seen[i]))
-                for i, call in enumerate(self.order)]
+        # One set of moments ops for every ActNorm (a graph a fraction of the size, so
+        # faster to trace and to optimise): each one's inputs as [positions, channels],
+        # padded to the widest, concatenated; only the target's hold rows.
+        values = [seen[i] for i in range(len(self.order))]
+        dtype = tf.float64 if any(v.dtype == tf.float64 for v in values) else tf.float32
+        width = max(int(v.shape[-1]) for v in values)
+        return _stats.moments(tf.concat(
+            [tf.pad(tf.cast(v, dtype), [[0, 0], [0, width - int(v.shape[-1])]]) for v in values],
+            axis=0), -1)
+
+
+def _channels_last(data, axis):
+    """``data`` as [positions, channels], the channel axis ``axis`` (negative) last."""
+    rank = data.shape.rank
+    axis %= rank
+    if axis != rank - 1:
+        data = tf.transpose(data, [i for i in range(rank) if i != axis] + [axis])
+    return tf.reshape(data, [-1, data.shape[-1]])
 
 
 def _spec(batch):
