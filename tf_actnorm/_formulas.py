@@ -50,6 +50,12 @@ def scale_inverse_coefficients(bias, scale):
     return 1.0 / scale, -bias
 
 
+def stats_dtype(dtype):
+    """The dtype (a name) that statistics of ``dtype`` data are computed in: float64 for
+    float64 data, else float32, also for float16/bfloat16 (whose squares overflow)."""
+    return "float64" if dtype == "float64" else "float32"
+
+
 def mean(xp, count, total):
     """Per-channel mean from the count and the sum (0 where the count is 0)."""
     return total / xp.maximum(count, 1.0)

@@ -65,10 +65,6 @@ def log_det(log_scale, inputs, mask, axis):
     return _formulas.log_det(ops, log_scale, positions)
 
 
-def _stats_dtype(dtype):
-    return "float64" if keras.backend.standardize_dtype(dtype) == "float64" else "float32"
-
-
 def moments(x, axis, mask=None):
     """Per-channel ``(count, mean, m2)`` of ``x`` over every axis but ``axis``.
 
@@ -78,7 +74,7 @@ def moments(x, axis, mask=None):
     """
     rank = len(x.shape)
     axis = axis % rank
-    x = ops.cast(x, _stats_dtype(x.dtype))
+    x = ops.cast(x, _formulas.stats_dtype(keras.backend.standardize_dtype(x.dtype)))
     reduce = tuple(i for i in range(rank) if i != axis)
     if mask is None:
         weights = None

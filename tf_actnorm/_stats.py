@@ -21,7 +21,8 @@ Moments.__doc__ = """Per-channel count, mean and sum of squared deviations (``m2
 
 
 def stats_dtype(dtype):
-    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+    """:func:`tf_actnorm._formulas.stats_dtype` as a TensorFlow dtype."""
+    return tf.as_dtype(_formulas.stats_dtype(tf.as_dtype(dtype).name))
 
 
 def replica_context():

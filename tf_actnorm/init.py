@@ -326,14 +326,10 @@ def _is_initialized(layer):
     return bool(ops.convert_to_numpy(layer.initialized))
 
 
-def _stats_dtype(layer):
-    return "float64" if layer.compute_dtype == "float64" else "float32"
-
-
 def _moments(layer, inputs, mask):
     """``(count, mean, m2)`` of one call's inputs, in the layer's statistics dtype."""
     moments = _backend.implementation().moments(inputs, layer.axis, mask)
-    return tuple(ops.cast(t, _stats_dtype(layer)) for t in moments)
+    return tuple(ops.cast(t, _formulas.stats_dtype(layer.compute_dtype)) for t in moments)
 
 
 @contextlib.contextmanager
@@ -452,7 +448,7 @@ class _Passes:
 
     def _zeros(self, index):
         layer = self.targets[index]
-        zeros = ops.zeros(layer.initial_bias.shape, _stats_dtype(layer))
+        zeros = ops.zeros(layer.initial_bias.shape, _formulas.stats_dtype(layer.compute_dtype))
         return zeros, zeros, zeros
 
     def _all_moments(self, forward, target):

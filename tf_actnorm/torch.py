@@ -229,7 +229,7 @@ class ActNorm(nn.Module):
     def _initialize(self, data, from_outputs):
         """Set ``loc`` and ``scale`` in place from ``data``'s moments (global under
         ``torch.distributed``); ``ValueError`` and no change on bad data."""
-        stats_dtype = torch.float64 if data.dtype == torch.float64 else torch.float32
+        stats_dtype = getattr(torch, _formulas.stats_dtype(str(data.dtype).split(".")[-1]))
         x = data.detach().to(stats_dtype)
         dims = [0, *range(2, x.dim())]
         channel_shape = [1, -1] + [1] * (x.dim() - 2)
