@@ -4,7 +4,7 @@ A flow is a distribution (its data direction is the one ``log_prob(data)`` takes
 bijector with a stated direction (``forward`` or ``inverse`` on the data). Its
 ActNorm bijectors are found by running that direction, not by walking the
 bijector's structure: while ``initialize`` runs, every ActNormBijector call goes to an
-interceptor (``bijector._intercept``) instead of the bijector's own initialisation.
+interceptor (``bijector.call_interceptor``) instead of the bijector's own initialisation.
 So nested ``Chain``, ``Invert``, bijectors that share a Keras layer's variables
 (``layer.bijector``), and ActNorms inside any other composite are found, each in the
 direction the data reaches it, and ``init_from`` plays no part.
@@ -165,18 +165,19 @@ class _Interception:
 
     def __init__(self, hook):
         self.hook = hook
+        self._token = None
 
     def __enter__(self):
-        from tf_actnorm import bijector as bijector_module  # noqa: PLC0415 (imports TFP)
+        from tf_actnorm.bijector import call_interceptor  # noqa: PLC0415 (imports TFP)
 
-        if bijector_module._intercept is not None:
+        if call_interceptor.get() is not None:
             raise RuntimeError("initialize: already running (re-entered from a flow?)")
-        bijector_module._intercept = self.hook
+        self._token = call_interceptor.set(self.hook)
 
     def __exit__(self, *exc):
-        from tf_actnorm import bijector as bijector_module  # noqa: PLC0415
+        from tf_actnorm.bijector import call_interceptor  # noqa: PLC0415
 
-        bijector_module._intercept = None
+        call_interceptor.reset(self._token)
 
 
 def _fresh(batch):

@@ -1,5 +1,6 @@
 """ActNorm as a TensorFlow Probability bijector."""
 
+import contextvars
 import warnings
 
 import numpy as np
@@ -16,10 +17,11 @@ from tf_actnorm import _state
 
 INIT_FROM = ("forward", "inverse", "either")
 
-# While `tf_actnorm.initialize` streams data through a flow, it sees every ActNormBijector
-# call instead of the bijector's own initialisation: `_intercept(bijector, data,
-# from_outputs)` returns the ops to run first and the tensor that the call transforms.
-_intercept = None
+# While set (by `tf_actnorm.initialize` streaming data through a flow), a callable
+# `intercept(bijector, data, from_outputs)` that sees every ActNormBijector call instead of
+# the bijector's own initialisation; it returns the ops to run first and the tensor that
+# the call transforms. A context variable, as the Keras layer's `moments_collector`.
+call_interceptor = contextvars.ContextVar("tf_actnorm_call_interceptor", default=None)
 
 
 class ActNormBijector(tfp.bijectors.Bijector):
@@ -278,8 +280,9 @@ class ActNormBijector(tfp.bijectors.Bijector):
         ``from_outputs``: the call is in the inverse direction (``data`` are outputs).
         ``value_call``: ``forward``/``inverse``, not a log-det.
         """
-        if _intercept is not None:  # tf_actnorm.initialize is streaming data through
-            ops, data = _intercept(self, data, from_outputs)
+        intercept = call_interceptor.get()
+        if intercept is not None:  # tf_actnorm.initialize is streaming data through
+            ops, data = intercept(self, data, from_outputs)
             with tf.control_dependencies(ops):
                 return fn(data)
         if self._init_from == "either" or (
