@@ -15,11 +15,13 @@ How it runs, as ``initialize`` does for Keras models:
   (1 MiB), they are concatenated and one eager pass initialises each ActNorm from its
   inputs when the data first reaches it, before they go on: exactly a first training
   call on that batch.
-* Otherwise, one pass over the data per ActNorm, one batch (runs of small batches
-  concatenated up to 1 MiB) in memory at a time: an ActNorm's inputs depend on the
-  earlier ActNorms' final parameters. The moments of the batches are combined exactly
-  (``_stats.combine``). All passes run one function, traced once (``autograph=False``),
-  that computes about the flow up to the pass's ActNorm (see ``_Passes``).
+* Otherwise, one pass over the data per ActNorm: an ActNorm's inputs depend on the
+  earlier ActNorms' final parameters. Batches are read in runs (small ones concatenated
+  up to 1 MiB), two runs computed side by side (a pass's ops are small and sequential,
+  so one call alone leaves a core idle): at most two runs in memory. The moments of the
+  runs are combined exactly, in data order (``_stats.combine``). All passes run one
+  function, traced once (``autograph=False``), that computes about the flow up to the
+  pass's ActNorm (see ``_Passes``).
 * Only the values are computed, never the log-determinants: for a
   ``TransformedDistribution`` the data go through ``bijector.inverse`` (where its
   ``log_prob`` starts), and every ActNorm meets the data there first.
@@ -28,6 +30,8 @@ How it runs, as ``initialize`` does for Keras models:
   with outputs computed before the ActNorms were initialised.
 """
 
+import collections
+import concurrent.futures
 import functools
 import sys
 
@@ -60,7 +64,12 @@ def initialize_flow(flow, data, steps, batch_size, force, verbose, direction):
         keras.utils.Progbar(total, verbose=verbose, unit_name="batch").update(
             total, finalize=True)
         return _summary(initialised)
-    passes = _Passes(flow.name, run, first)
+    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="initialize") as pool:
+        return _stream(_Passes(flow.name, run, first, pool), source, force, verbose)
+
+
+def _stream(passes, source, force, verbose):
+    """One pass over ``source`` per ActNorm that needs it, in data order."""
     calls = [call for call in passes.order if force or call.needs_init()]
     if not calls:
         return {}
@@ -248,12 +257,15 @@ class _Passes:
     the flow is traced once: a TFP flow's tracing is mostly Python (TFP's bookkeeping
     per bijector call), which one function per ActNorm would repeat for each.
 
+    A traced pass runs two runs of batches at once in ``pool`` (see ``batches``).
+
     An ActNorm called inside the flow's own control flow (a ``tf.while_loop`` body)
     cannot hand its moments out of that graph: the passes then run eagerly (slower,
     same result)."""
 
-    def __init__(self, name, run, batch):
+    def __init__(self, name, run, batch, pool):
         self.run = run
+        self._pool = pool
         self.order, self._index = [], {}
         self._step = tf.function(self._moments, reduce_retracing=True, autograph=False)
         self._traceable = True  # cleared by the trace if the moments are out of its reach
@@ -263,26 +275,51 @@ class _Passes:
         except Exception as error:
             add_first_batch_note(error, "flow", batch)
             raise
-        if not self._traceable:
-            self._step = self._eager_moments
         if not self.order:
             raise ValueError(f"initialize: {name!r} runs no ActNormBijector on its data")
+        if self._traceable:
+            # The function's first call optimises its graph. Made here, on a pass with
+            # no target (every ActNorm gets no rows), so that no two calls do it at once.
+            self._step(batch, tf.constant(-1, tf.int32))
+        else:
+            self._step, self._pool = self._eager_moments, None
 
     def batches(self, call, source):
-        """``(moments of call's inputs, n)`` for each run of ``n`` batches of ``source``."""
-        target = self.order.index(call)
-        index = tf.constant(target, tf.int32)
+        """``(moments of call's inputs, n)`` for each run of ``n`` batches of ``source``,
+        in data order. A traced pass keeps two runs in ``pool`` at once, the next one
+        read meanwhile: its ops are mostly small and one after another, so a single
+        call leaves cores idle. The moments are combined in data order all the same."""
+        index = tf.constant(self.order.index(call), tf.int32)
         zeros = _zero_moments(call.bijector)
         channels = zeros.count.shape[0]
-        for batch, count in source.merged_batches():
+
+        def moments(batch):
             padded = self._step(batch, index)
-            yield _stats.Moments(*(tf.cast(t[:channels], zeros.count.dtype) for t in padded)), count
+            return _stats.Moments(*(tf.cast(t[:channels], zeros.count.dtype) for t in padded))
+
+        if self._pool is None:
+            return ((moments(batch), count) for batch, count in source.merged_batches())
+        return _two_at_a_time(self._pool, moments, source.merged_batches())
 
     def _eager_moments(self, batch, target):
         return self._moments(_fresh(batch), target)
 
     def _moments(self, batch, target):
         seen = {}
+        # Row limits as [1] vectors for `tf.strided_slice`, which clamps an end past the
+        # last row: "all rows" needs no shape op. Built once, shared by every ActNorm,
+        # so each one adds only its comparison, select and slice (the graph's size is
+        # what tracing and optimising it cost).
+        target = tf.reshape(target, [1])
+        start, step = tf.zeros([1], tf.int32), tf.ones([1], tf.int32)
+        every_row, no_row = tf.fill([1], tf.int32.max), tf.zeros([1], tf.int32)
+
+        def first_rows(data, condition):
+            rows = tf.strided_slice(data, start, tf.where(condition, every_row, no_row), step)
+            # Where the limits are not constants (captured into a flow's own loop),
+            # the slice's rank would be unknown; only the first dimension changes.
+            rows.set_shape(tf.TensorShape([None]).concatenate(data.shape[1:]))
+            return rows
 
         def collect(bijector, data, from_outputs):
             key = _key(bijector)
@@ -292,10 +329,10 @@ class _Passes:
             index = self._index[key]
             if index in seen:
                 return [], data
-            rows = tf.shape(data)[0]
-            seen[index] = _channels_last(data[:tf.where(tf.equal(target, index), rows, 0)],
+            position = tf.constant([index], tf.int32)
+            seen[index] = _channels_last(first_rows(data, tf.equal(target, position)),
                                          bijector.axis)
-            return [], data[:tf.where(target > index, rows, 0)]
+            return [], first_rows(data, tf.greater(target, position))
 
         with _Interception(collect), tf.name_scope("initialize"):
             self.run(batch)
@@ -312,9 +349,27 @@ class _Passes:
         values = [seen[i] for i in range(len(self.order))]
         dtype = tf.float64 if any(v.dtype == tf.float64 for v in values) else tf.float32
         width = max(int(v.shape[-1]) for v in values)
-        return _stats.moments(tf.concat(
-            [tf.pad(tf.cast(v, dtype), [[0, 0], [0, width - int(v.shape[-1])]]) for v in values],
-            axis=0), -1)
+        return _stats.moments(tf.concat([_padded(tf.cast(v, dtype), width) for v in values],
+                                        axis=0), -1)
+
+
+def _padded(data, width):
+    """[positions, channels] ``data`` with zero channels appended up to ``width``."""
+    missing = width - int(data.shape[-1])
+    return data if missing == 0 else tf.pad(data, [[0, 0], [0, missing]])
+
+
+def _two_at_a_time(pool, fn, runs):
+    """``(fn(batch), n)`` for each ``(batch, n)`` of ``runs``, in order, with up to two
+    calls of ``fn`` running in ``pool`` while the next run is read."""
+    pending = collections.deque()
+    for batch, count in runs:
+        pending.append((pool.submit(fn, batch), count))
+        if len(pending) == 2:
+            future, n = pending.popleft()
+            yield future.result(), n
+    for future, n in pending:
+        yield future.result(), n
 
 
 def _channels_last(data, axis):
@@ -323,7 +378,7 @@ def _channels_last(data, axis):
     axis %= rank
     if axis != rank - 1:
         data = tf.transpose(data, [i for i in range(rank) if i != axis] + [axis])
-    return tf.reshape(data, [-1, data.shape[-1]])
+    return data if rank == 2 else tf.reshape(data, [-1, data.shape[-1]])
 
 
 def _spec(batch):

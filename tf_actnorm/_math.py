@@ -30,7 +30,11 @@ def channel_shape(rank, axis):
 
 
 def _broadcast(vector, like, axis):
-    return tf.reshape(tf.cast(vector, like.dtype), channel_shape(like.shape.rank, axis))
+    vector = tf.cast(vector, like.dtype)
+    rank = like.shape.rank
+    if axis % rank == rank - 1:
+        return vector  # a [C] vector already broadcasts along the last axis
+    return tf.reshape(vector, channel_shape(rank, axis))
 
 
 def forward(x, bias, log_scale, axis):

@@ -62,8 +62,8 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     TensorFlow, JAX and PyTorch Keras backends.
 
     Memory does not grow with the number of batches: the data is read one batch at a
-    time (runs of small batches concatenated up to 1 MiB), once per layer, except
-    for a one-shot generator (see ``data``). When all the batches together hold at
+    time (runs of small batches concatenated up to 1 MiB; a flow computes two runs
+    side by side), once per layer, except for a one-shot generator (see ``data``). When all the batches together hold at
     most 1 MiB of model inputs they are concatenated and one forward pass
     initialises every layer. Concatenating batches changes only how many examples
     one inference call sees, not the statistics; a model whose inference output
