@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tf_actnorm  # noqa: E402
+from tf_actnorm import init  # noqa: E402
 from benchmarks.glow_model import GlowLike  # noqa: E402
 
 
@@ -98,10 +99,11 @@ def main():
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    run_kib = (init._pass_run_bytes() or init._MERGE_BYTES) // 1024
     device = f"JAX {jax.__version__} {jax.default_backend()}, {platform.machine()}"
     for count, path, rounds in ((16, "one eager pass (data within the 1 MiB budget)", 3),
                                 (128, "streamed: one pass per layer, one jit-compiled "
-                                      "whole-model function", 2)):
+                                      f"whole-model function, runs of {run_kib} KiB", 2)):
         init_s, train_s = init_seconds(count, rounds), train_seconds(count)
         ratio = init_s / train_s
         cells = (f"jax/init/glow/initialize(steps={count}) vs {count} train steps",

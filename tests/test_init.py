@@ -537,3 +537,20 @@ def test_float64_and_float32_layers_in_one_model(rng, budget):
     bias, log_scale = numpy_init(hidden)
     np.testing.assert_allclose(model.an1.bias.numpy(), bias, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.an1.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_of_batches_respect_the_smaller_of_their_limits(monkeypatch):
+    """A compiled pass may ask for runs smaller than ``_MERGE_BYTES`` (JAX on a CPU);
+    every batch is in exactly one run, in order, whatever the limit."""
+    data = np.arange(10 * 8 * 4, dtype="float32").reshape(80, 4)  # ten batches of 128 bytes
+    source = init._Source(data, None, 8)
+
+    def sizes(limit=None):
+        return [n for _, n in source.merged_batches(limit)]
+
+    monkeypatch.setattr(init, "_MERGE_BYTES", 3 * 128)
+    assert sizes() == [3, 3, 3, 1]
+    assert sizes(2 * 128) == [2, 2, 2, 2, 2]
+    assert sizes(10 * 128) == [3, 3, 3, 1]  # never above _MERGE_BYTES
+    merged = np.concatenate([np.asarray(b) for b, _ in source.merged_batches(2 * 128)])
+    np.testing.assert_array_equal(merged, data)

@@ -237,14 +237,16 @@ class _Source:
     def batches(self):
         return (_features(element) for element in self._open())
 
-    def merged_batches(self):
+    def merged_batches(self, limit=None):
         """``(batch, n)``: the batches, runs of small ones concatenated into one of up
-        to ``_MERGE_BYTES`` (``n`` batches). The moments do not depend on how the data
-        is split, and one call on a larger batch costs much less than several calls:
-        for small batches the per-op overhead dominates a forward pass."""
+        to ``_MERGE_BYTES`` (or ``limit``, if smaller) (``n`` batches). The moments do
+        not depend on how the data is split, and one call on a larger batch costs much
+        less than several calls: for small batches the per-op overhead dominates a
+        forward pass."""
+        limit = _MERGE_BYTES if limit is None else min(limit, _MERGE_BYTES)
         pending, size = [], 0
         for batch in self.batches():
-            if pending and (size + _nbytes(batch) > _MERGE_BYTES
+            if pending and (size + _nbytes(batch) > limit
                             or not _concatenable(pending[0], batch)):
                 yield _concatenated(pending), len(pending)
                 pending, size = [], 0
@@ -274,6 +276,20 @@ class _Source:
 # Batches are concatenated up to this size of model inputs: large enough that small
 # batches no longer pay the per-op overhead, small enough not to matter for memory.
 _MERGE_BYTES = 1 << 20
+
+# A pass compiled by `jax.jit` for a CPU has no per-op overhead to amortise, and its
+# activations stay in the CPU's caches on runs this small, where 1 MiB runs spill them.
+_JIT_CPU_RUN_BYTES = 1 << 18
+
+
+def _pass_run_bytes():
+    """The size of the runs of batches that a compiled pass takes (None: ``_MERGE_BYTES``)."""
+    if keras.backend.backend() == "jax":
+        import jax  # noqa: PLC0415 (the JAX backend only)
+
+        if jax.default_backend() == "cpu":
+            return _JIT_CPU_RUN_BYTES
+    return None
 
 
 def _itemsize(dtype):
@@ -435,7 +451,7 @@ class _Passes:
         ``advance(n)`` after each ``n`` batches."""
         eager = index in self._eager_only
         total = None
-        for batch, count in source.merged_batches():
+        for batch, count in source.merged_batches(None if eager else _pass_run_bytes()):
             if eager:
                 with _no_grad():
                     moments = self._all_moments(lambda: _run(self.model, batch), index)
