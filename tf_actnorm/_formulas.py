@@ -19,6 +19,13 @@ uses the ``scale_*`` variants below, which give ``s`` where the others give
 """
 
 
+def channel_shape(rank, axis):
+    """Shape that broadcasts a [C] vector along ``axis`` of a rank-``rank`` tensor."""
+    shape = [1] * rank
+    shape[axis] = -1
+    return shape
+
+
 def forward_coefficients(xp, bias, log_scale):
     """``(scale, shift)`` with ``forward(x) = x * scale + shift``: ``(s, b * s)``."""
     scale = xp.exp(log_scale)

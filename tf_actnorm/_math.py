@@ -22,19 +22,12 @@ TF = types.SimpleNamespace(
     cast=tf.cast, all=tf.reduce_all, isfinite=tf.math.is_finite, logical_and=tf.logical_and)
 
 
-def channel_shape(rank, axis):
-    """Shape that broadcasts a [C] vector along ``axis`` of a rank-``rank`` tensor."""
-    shape = [1] * rank
-    shape[axis] = -1
-    return shape
-
-
 def _broadcast(vector, like, axis):
     vector = tf.cast(vector, like.dtype)
     rank = like.shape.rank
     if axis % rank == rank - 1:
         return vector  # a [C] vector already broadcasts along the last axis
-    return tf.reshape(vector, channel_shape(rank, axis))
+    return tf.reshape(vector, _formulas.channel_shape(rank, axis))
 
 
 def forward(x, bias, log_scale, axis):

@@ -27,12 +27,8 @@ from tf_actnorm import _checks
 from tf_actnorm import _formulas
 
 
-def _channel_shape(rank, axis):
-    return [-1 if i == axis else 1 for i in range(rank)]
-
-
 def _affine(x, scale, shift, axis):
-    shape = _channel_shape(len(x.shape), axis % len(x.shape))
+    shape = _formulas.channel_shape(len(x.shape), axis)
     return (x * ops.reshape(ops.cast(scale, x.dtype), shape)
             + ops.reshape(ops.cast(shift, x.dtype), shape))
 
@@ -88,7 +84,7 @@ def moments(x, axis, mask=None):
         count = ops.sum(weights, axis=reduce)
         total = ops.sum(weights * x, axis=reduce)
     mean = _formulas.mean(ops, count, total)
-    deviations = ops.square(x - ops.reshape(mean, _channel_shape(rank, axis)))
+    deviations = ops.square(x - ops.reshape(mean, _formulas.channel_shape(rank, axis)))
     if weights is not None:
         deviations = deviations * weights
     return count, mean, ops.sum(deviations, axis=reduce)

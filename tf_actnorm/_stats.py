@@ -124,17 +124,13 @@ def moments(x, axis, mask=None, gate=None):
 
     def second_pass():
         deviations = tf.math.squared_difference(
-            x, tf.reshape(mean, _channel_shape(x.shape.rank, axis)))
+            x, tf.reshape(mean, _formulas.channel_shape(x.shape.rank, axis)))
         if weights is not None:
             deviations *= weights
         return channel_sum(deviations, axis)
 
     m2 = _sum_over_replicas(gated(second_pass, 1))
     return Moments(count, mean, m2)
-
-
-def _channel_shape(rank, axis):
-    return [-1 if i == axis else 1 for i in range(rank)]
 
 
 def combine(a, b):
