@@ -271,7 +271,11 @@ def test_refusals_and_progress_bar(rng, capsys, monkeypatch):
         tf_actnorm.initialize(flow, tf.data.Dataset.from_tensor_slices(data))
     plain = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Shift([1.0, 2.0]))
     with pytest.raises(ValueError, match="runs no ActNormBijector"):
-        tf_actnorm.initialize(plain, data)
+        tf_actnorm.initialize(plain, data)  # one pass
+    with monkeypatch.context() as patch:
+        patch.setattr(init, "_MERGE_BYTES", 1)
+        with pytest.raises(ValueError, match="runs no ActNormBijector"):
+            tf_actnorm.initialize(plain, data, batch_size=16)  # streamed
     assert not bool(actnorm.initialized.numpy())
     capsys.readouterr()
     tf_actnorm.initialize(flow, endless, steps=3)  # one pass: 1 ActNorm x 3 batches

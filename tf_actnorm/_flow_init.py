@@ -272,16 +272,16 @@ class _Passes:
         try:
             # Any batch size: merged batches and a last, smaller one share the trace.
             self._step.get_concrete_function(_spec(batch), tf.TensorSpec([], tf.int32))
+            if self._traceable and self.order:
+                # The function's first call optimises its graph. Made here, on a pass
+                # with no target (every ActNorm gets no rows): no two calls do it at once.
+                self._step(batch, tf.constant(-1, tf.int32))
         except Exception as error:
             add_first_batch_note(error, "flow", batch)
             raise
         if not self.order:
             raise ValueError(f"initialize: {name!r} runs no ActNormBijector on its data")
-        if self._traceable:
-            # The function's first call optimises its graph. Made here, on a pass with
-            # no target (every ActNorm gets no rows), so that no two calls do it at once.
-            self._step(batch, tf.constant(-1, tf.int32))
-        else:
+        if not self._traceable:
             self._step, self._pool = self._eager_moments, None
 
     def batches(self, call, source):
@@ -339,6 +339,8 @@ class _Passes:
         if len(seen) != len(self.order):
             raise ValueError("initialize: a later batch did not reach every ActNorm "
                              "(a flow whose path depends on the batch?)")
+        if not seen:
+            return []  # no ActNorm: `__init__` says so
         if not tf.executing_eagerly() and any(
                 t.graph is not tf.compat.v1.get_default_graph() for t in seen.values()):
             self._traceable = False  # the passes run eagerly; this trace's outputs go unused
