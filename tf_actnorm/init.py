@@ -63,11 +63,12 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
 
     Memory does not grow with the number of batches: the data is read one batch at a
     time (runs of small batches concatenated up to 1 MiB; a flow computes two runs
-    side by side), once per layer, except for a one-shot generator (see ``data``). When all the batches together hold at
-    most 1 MiB of model inputs they are concatenated and one forward pass
-    initialises every layer. Concatenating batches changes only how many examples
-    one inference call sees, not the statistics; a model whose inference output
-    depends on which examples share a batch would see larger batches.
+    side by side), once per layer, except for a one-shot generator (see ``data``).
+    When all the batches together hold at most 1 MiB of model inputs they are
+    concatenated and one forward pass initialises every layer. Concatenating
+    batches changes only how many examples one inference call sees, not the
+    statistics; a model whose inference output depends on which examples share a
+    batch would see larger batches.
 
     Flows: for a distribution, the data take the direction ``log_prob(data)`` takes;
     for a bijector, the one ``direction`` names. Every ``ActNormBijector`` that the
@@ -238,8 +239,8 @@ class _Source:
         return (_features(element) for element in self._open())
 
     def merged_batches(self, limit=None):
-        """``(batch, n)``: the batches, runs of small ones concatenated into one of up
-        to ``_MERGE_BYTES`` (or ``limit``, if smaller) (``n`` batches). The moments do
+        """``(batch, n)``: the batches, runs of ``n`` small ones concatenated into one
+        of up to ``_MERGE_BYTES``, or ``limit`` where that is smaller. The moments do
         not depend on how the data is split, and one call on a larger batch costs much
         less than several calls: for small batches the per-op overhead dominates a
         forward pass."""
@@ -445,13 +446,14 @@ class _Passes:
         self._index = {id(layer): i for i, layer in enumerate(targets)}
         self._eager_only = set()  # layers whose inputs a traced pass cannot return
         self._step = _compile(self._all_moments, model, first)
+        self._run_bytes = _pass_run_bytes()
 
     def run(self, index, source, advance):
         """The moments of ``targets[index]``'s inputs over all of ``source``'s batches;
         ``advance(n)`` after each ``n`` batches."""
         eager = index in self._eager_only
         total = None
-        for batch, count in source.merged_batches(None if eager else _pass_run_bytes()):
+        for batch, count in source.merged_batches(None if eager else self._run_bytes):
             if eager:
                 with _no_grad():
                     moments = self._all_moments(lambda: _run(self.model, batch), index)
