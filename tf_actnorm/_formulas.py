@@ -1,9 +1,9 @@
 """ActNorm's formulas, written once against an array namespace ``xp``.
 
 ``xp`` is ``keras.ops`` (the JAX and PyTorch Keras backends, see ``_ops``, and
-``tf_actnorm.initialize`` on every backend), :data:`tf_actnorm._math.TF` (TensorFlow
-ops, for the TensorFlow backend and the TFP bijector), ``tf.math``, or
-``tf_actnorm.torch.TORCH`` (plain PyTorch, for ``tf_actnorm.torch``). They provide
+``tf_actnorm.initialize`` on every backend), :data:`tf_actnorm._stats.TF` (TensorFlow
+ops, for the TensorFlow backend and the TFP bijector), or ``tf_actnorm.torch.TORCH``
+(plain PyTorch, for ``tf_actnorm.torch``). They provide
 ``sqrt``, ``maximum``, ``square``, ``log``, ``exp``, ``sum``, ``cast``, ``all``,
 ``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports
 no backend: it is what the TensorFlow path and the ``keras.ops`` path share.

@@ -9,18 +9,10 @@ and the TFP bijector); the formulas themselves live in ``_formulas``, shared wit
 ``keras.ops`` implementation of the other backends (``_ops``).
 """
 
-import types
-
 import tensorflow as tf
 
 from tf_actnorm import _formulas
 from tf_actnorm import _stats
-
-# TensorFlow as the array namespace of `_formulas`.
-TF = types.SimpleNamespace(
-    sqrt=tf.sqrt, maximum=tf.maximum, log=tf.math.log, exp=tf.exp, sum=tf.reduce_sum,
-    cast=tf.cast, all=tf.reduce_all, isfinite=tf.math.is_finite, logical_and=tf.logical_and)
-
 
 def _broadcast(vector, like, axis):
     vector = tf.cast(vector, like.dtype)
@@ -70,7 +62,7 @@ def _affine(t, bias, log_scale, axis, inverse):
     @tf.custom_gradient
     def _transform(t, bias, log_scale):
         coefficients = _formulas.inverse_coefficients if inverse else _formulas.forward_coefficients
-        scale, shift = coefficients(TF, bias, log_scale)
+        scale, shift = coefficients(_stats.TF, bias, log_scale)
         out = t * _broadcast(scale, t, axis) + _broadcast(shift, t, axis)
 
         def grad(d_out):
@@ -107,7 +99,7 @@ def log_det(log_scale, positions):
     ``positions`` is the number of elements that share one channel (a scalar, or
     one count per example when a mask is used).
     """
-    return _formulas.log_det(TF, log_scale, positions)
+    return _formulas.log_det(_stats.TF, log_scale, positions)
 
 
 def positions_per_example(x, axis):
@@ -122,9 +114,9 @@ def positions_per_example(x, axis):
 
 def init_from_inputs(mean, variance, epsilon):
     """Parameters that standardise data with these moments (see ``_formulas``)."""
-    return _formulas.init_from_inputs(TF, mean, variance, epsilon)
+    return _formulas.init_from_inputs(_stats.TF, mean, variance, epsilon)
 
 
 def init_from_outputs(mean, variance, epsilon):
     """Parameters whose *inverse* standardises data with these moments (see ``_formulas``)."""
-    return _formulas.init_from_outputs(TF, mean, variance, epsilon)
+    return _formulas.init_from_outputs(_stats.TF, mean, variance, epsilon)

@@ -10,11 +10,18 @@ per-replica ones.
 
 import collections
 import functools
+import types
 
 import tensorflow as tf
 
 from tf_actnorm import _checks
 from tf_actnorm import _formulas
+
+# TensorFlow as the array namespace of `_formulas`.
+TF = types.SimpleNamespace(
+    sqrt=tf.sqrt, maximum=tf.maximum, log=tf.math.log, exp=tf.exp, sum=tf.reduce_sum,
+    cast=tf.cast, all=tf.reduce_all, isfinite=tf.math.is_finite, logical_and=tf.logical_and,
+    square=tf.square)
 
 Moments = collections.namedtuple("Moments", ["count", "mean", "m2"])
 Moments.__doc__ = """Per-channel count, mean and sum of squared deviations (``m2``)."""
@@ -120,7 +127,7 @@ def moments(x, axis, mask=None, gate=None):
                 channel_sum(weights * x, axis))
 
     count, total = _sum_over_replicas(list(gated(first_pass, 2)))
-    mean = _formulas.mean(tf.math, count, total)
+    mean = _formulas.mean(TF, count, total)
 
     def second_pass():
         deviations = tf.math.squared_difference(
@@ -135,12 +142,12 @@ def moments(x, axis, mask=None, gate=None):
 
 def combine(a, b):
     """Moments of the union of two data sets (Chan et al.'s parallel update, exact)."""
-    return Moments(*_formulas.combine(tf.math, a, b))
+    return Moments(*_formulas.combine(TF, a, b))
 
 
 def variance(m):
     """Population variance (divide by the count), as ``tf.nn.moments`` gives."""
-    return _formulas.variance(tf.math, m.count, m.m2)
+    return _formulas.variance(TF, m.count, m.m2)
 
 
 def has_data(m):
@@ -154,7 +161,7 @@ def _is_finite(m):
 
 def is_valid(m):
     """True when the moments can initialise: data present and every statistic finite."""
-    return tf.logical_and(has_data(m), _is_finite(m))
+    return _formulas.is_valid(TF, m.count, m.mean, m.m2)
 
 
 def check(m, name, enabled=True):
