@@ -102,16 +102,6 @@ def log_det(log_scale, positions):
     return _formulas.log_det(_stats.TF, log_scale, positions)
 
 
-def positions_per_example(x, axis):
-    """Number of elements of one example of ``x`` that share a channel: the product of
-    the dimensions other than the batch axis (0) and ``axis``; dynamic shapes allowed."""
-    rank = x.shape.rank
-    axis = axis % rank
-    dynamic = tf.shape(x, out_type=tf.int64)
-    dims = [dynamic[i] for i in range(1, rank) if i != axis]
-    return tf.reduce_prod(tf.stack(dims)) if dims else tf.constant(1, tf.int64)
-
-
 def init_from_inputs(mean, variance, epsilon):
     """Parameters that standardise data with these moments (see ``_formulas``)."""
     return _formulas.init_from_inputs(_stats.TF, mean, variance, epsilon)

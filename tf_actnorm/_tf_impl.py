@@ -4,11 +4,14 @@
 import tensorflow as tf
 
 from tf_actnorm import _math
+from tf_actnorm import _ops
 from tf_actnorm import _state
 from tf_actnorm import _stats
 
 forward = _math.forward
 inverse = _math.inverse
+# Written once in `keras.ops` for every backend: dynamic shapes and masks included.
+log_det = _ops.log_det
 
 
 def moments(x, axis, mask=None):
@@ -49,14 +52,3 @@ def run_if(condition, fn):
     tensor) holds."""
     if bool(condition):
         fn()
-
-
-def log_det(log_scale, inputs, mask, axis):
-    inputs = tf.convert_to_tensor(inputs)
-    if mask is None:
-        positions = _math.positions_per_example(inputs, axis)
-        positions = tf.fill(tf.shape(inputs)[:1], positions)
-    else:
-        mask = tf.cast(mask, tf.int64)
-        positions = tf.reduce_sum(mask, axis=list(range(1, mask.shape.rank)))
-    return _math.log_det(log_scale, positions)
