@@ -7,10 +7,11 @@
 * JAX and PyTorch: ``_ops`` — ``keras.ops`` only, so it runs wherever Keras does,
   without TensorFlow installed.
 
-Both implement the same functions (``forward``, ``inverse``, ``log_det``,
-``maybe_initialize``) from the same formulas (``_formulas``). This module imports
-neither until asked, so ``import tf_actnorm`` never needs TensorFlow on the other
-backends.
+Both implement the same functions (``forward``, ``inverse``, ``maybe_initialize``, ...)
+from the same formulas (``_formulas``); where TensorFlow needs nothing of its own
+(``log_det``, ``run_if``), ``_tf_impl`` takes the ``keras.ops`` function. This module
+imports neither until asked, so ``import tf_actnorm`` never needs TensorFlow on the
+other backends.
 """
 
 import keras

@@ -1,4 +1,6 @@
-"""ActNorm on the JAX and PyTorch backends, in ``keras.ops`` only (no TensorFlow).
+"""ActNorm in ``keras.ops`` only (no TensorFlow): the implementation on the JAX and
+PyTorch backends, and what the TensorFlow backend shares with them (``log_det``,
+``run_if``).
 
 The init guard is functional, so that it works where ``fit`` is a pure function
 (JAX's ``stateless_call`` under ``jax.jit``):

@@ -10,8 +10,9 @@ from tf_actnorm import _stats
 
 forward = _math.forward
 inverse = _math.inverse
-# Written once in `keras.ops` for every backend: dynamic shapes and masks included.
+# Written once in `keras.ops` for every backend (dynamic shapes and masks included).
 log_det = _ops.log_det
+run_if = _ops.run_if
 
 
 def moments(x, axis, mask=None):
@@ -45,10 +46,3 @@ def exporting():
     """False: on TensorFlow, writing a SavedModel refuses an uninitialised layer
     (``ActNorm._trackable_children``), for every route that writes one."""
     return False
-
-
-def run_if(condition, fn):
-    """Call ``fn()`` (a Python side effect) if ``condition`` (a bool or an eager bool
-    tensor) holds."""
-    if bool(condition):
-        fn()
