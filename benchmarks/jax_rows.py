@@ -42,7 +42,8 @@ from benchmarks import pairing, report  # noqa: E402
 ROWS = [
     ("jax/forward 4d/jit/layer(training=False) vs bare", 1.05),
     ("jax/forward 4d/jit/layer(training=True) vs bare", 1.05),
-    ("jax/train step/jit/Conv2D+ActNorm vs Conv2D+BatchNorm", 1.00),
+    # Parity with BatchNormalization: a ratio resolves to about +-1% here.
+    ("jax/train step/jit/Conv2D+ActNorm vs Conv2D+BatchNorm", 1.02),
     ("jax/train step/jit/Conv2D+ActNorm vs Conv2D alone", None),
 ]
 
