@@ -2,7 +2,8 @@
 
 Forward ``y = s * (x + b)``, inverse ``x = y / s - b`` and
 ``log|det dy/dx| = positions * sum_c log s_c``, with ``s = exp(log_scale)``.
-The layer and the bijector both call these functions; neither re-derives them.
+The bijector and the layer on TensorFlow call these functions (the layer's log-det is
+the ``keras.ops`` one of every backend); neither re-derives them.
 All functions take C-sized ``bias`` / ``log_scale`` and an input whose channel
 axis is ``axis``. This is the TensorFlow implementation (the TensorFlow Keras backend
 and the TFP bijector); the formulas themselves live in ``_formulas``, shared with the
