@@ -5,7 +5,8 @@
 ``tf.reduce_sum`` and the plain ops, for every rank and channel axis, eagerly, in graph
 mode and under XLA; ``_math.forward`` is the plain multiply-add in every float dtype
 (its gradients' exactness: ``tests/test_gradients.py``); the bijector's O(1) sum of
-its log-det over extra event dimensions must agree with TFP's generic one.
+its log-det over extra event dimensions must agree with TFP's generic one;
+``_stats.eager_moments`` (one call of a traced function) must give NumPy's moments.
 """
 
 import numpy as np
@@ -136,3 +137,35 @@ def test_bijector_log_det_over_extra_event_dims_matches_tfp(rng, axis, shape):
         bijector.forward_log_det_jacobian(x, len(shape) + 1)
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
         bijector.forward_log_det_jacobian(x, -axis - 1)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_eager_moments_are_numpys_from_one_traced_call(rng, shape, axis, masked):
+    """Eager moments run as one call of a function traced per rank, axis and mask rank
+    (every shape and channel count of a rank shares it): NumPy's count, mean and
+    squared deviations (float32 from float16 data), the same values as the ops inside
+    a ``tf.function``."""
+    data = (rng.normal(size=shape) * 4 + 10).astype("float16")
+    channel_axis = axis % len(shape)
+    mask_shape = [d for i, d in enumerate(shape) if i != channel_axis]
+    mask = rng.uniform(size=mask_shape) < 0.7 if masked else None
+    x = tf.constant(data)
+    mask_tensor = None if mask is None else tf.constant(mask)
+    traced = _stats._traced_moments(len(shape), channel_axis, None if mask is None else mask.ndim)
+    eager = _stats.eager_moments(x, axis, mask_tensor)
+    traces = traced.experimental_get_tracing_count()
+    again = _stats.eager_moments(x, axis, mask_tensor)
+    assert traced.experimental_get_tracing_count() == traces  # one call, no new trace
+    in_graph = tf.function(lambda x, m: _stats.moments(x, axis, m))(x, mask_tensor)
+    for ours, theirs in [*zip(eager, again), *zip(eager, in_graph)]:
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    values = np.moveaxis(data.astype("float64"), channel_axis, -1).reshape(-1, shape[axis])
+    weights = np.ones(len(values)) if mask is None else mask.reshape(-1).astype("float64")
+    count = weights.sum() * np.ones(shape[axis])
+    mean = (weights[:, None] * values).sum(0) / np.maximum(count, 1)
+    m2 = (weights[:, None] * (values - mean) ** 2).sum(0)
+    assert eager.count.dtype == tf.float32
+    np.testing.assert_allclose(eager.count.numpy(), count)
+    np.testing.assert_allclose(eager.mean.numpy(), mean, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(eager.m2.numpy(), m2, rtol=1e-4, atol=1e-3)

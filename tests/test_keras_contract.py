@@ -95,6 +95,22 @@ def test_training_mode_initialises_from_that_batch():
     np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_a_model_first_built_inside_a_traced_train_step_initialises(jit_compile):
+    """No ``keras.Input`` and no ``build``: the first call of a ``tf.function`` train
+    step builds the model (as it may with BatchNormalization) and initialises ActNorm
+    from that batch."""
+    x, _ = _data()
+    model = keras.Sequential([keras.layers.Dense(3), tf_actnorm.ActNorm()])
+    step = tf.function(lambda t: model(t, training=True), jit_compile=jit_compile)
+    step(tf.constant(x))
+    layer = model.layers[-1]
+    assert bool(layer.initialized.numpy())
+    bias, log_scale = numpy_init(model.layers[0](x).numpy())
+    np.testing.assert_allclose(layer.bias.numpy(), bias, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_by_a_frozen_parent_never_initialises():
     x, y = _data()
     model = _compiled(_model(tf_actnorm.ActNorm))

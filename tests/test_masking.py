@@ -71,3 +71,18 @@ def test_masked_log_det_equals_numeric_jacobian_on_valid_positions(rng):
         np.testing.assert_allclose(log_det[b], expected, rtol=1e-5)
     unmasked = layer.forward_log_det_jacobian(x).numpy()
     np.testing.assert_allclose(unmasked, 4 * (0.3 - 0.7), rtol=1e-5)
+
+
+def test_an_empty_masked_batch_in_a_traced_step_is_refused():
+    """An empty batch of static shape with a mask, in a ``tf.function``: TensorFlow's
+    error naming the layer, state unchanged (Grappler once turned the masked count
+    into a division by zero that killed the process)."""
+    import pytest  # noqa: PLC0415
+
+    layer = tf_actnorm.ActNorm(name="masked_an")
+    step = tf.function(lambda x, m: layer(x, mask=m, training=True))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="masked_an: cannot initialise "
+                                                              "from an empty batch"):
+        step(tf.zeros((0, 4, 3)), tf.ones((0, 4), tf.bool))
+    assert not bool(layer.initialized.numpy())
+    np.testing.assert_array_equal(layer.bias.numpy(), np.zeros(3))

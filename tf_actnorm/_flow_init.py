@@ -237,7 +237,7 @@ class _OnePass:
         if not (self.force or call.needs_init()):
             return [], data
         self.initialised.append(call)
-        moments = _stats.moments(data, bijector.axis)
+        moments = _stats.eager_moments(data, bijector.axis)
         return [bijector._state.assign_from_moments(moments, from_outputs)], data
 
 

@@ -125,6 +125,12 @@ class ActNormState:
         """Re-arm: the next eligible call initialises again."""
         self.initialized.assign(False)
 
+    def stored_initialized(self):
+        """The flag's stored value, read outside any trace. False for a flag created in
+        the ``tf.function`` being traced (a layer first built there): it holds no value
+        until that function runs, and it starts False."""
+        return stored_flag(self.initialized)
+
     def check_exportable(self):
         """Raise ``ValueError`` naming the owner if it was never initialised.
 
@@ -133,7 +139,11 @@ class ActNormState:
         transform, or initialise (mutate) inside a served function. Checkpoints and
         ``.keras`` files are not affected: saving mid-training state is legitimate.
         """
-        with tf.init_scope():
-            initialized = bool(self.initialized.numpy())
-        if not initialized:
+        if not self.stored_initialized():
             raise _checks.never_initialised_for_export(self.name)
+
+
+def stored_flag(variable):
+    """See :meth:`ActNormState.stored_initialized`."""
+    with tf.init_scope():
+        return bool(tf.compat.v1.is_variable_initialized(variable)) and bool(variable.numpy())

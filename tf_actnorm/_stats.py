@@ -123,7 +123,10 @@ def moments(x, axis, mask=None, gate=None):
         if weights is None:
             n = tf.cast(tf.size(x, out_type=tf.int64) // tf.cast(channels[0], tf.int64), x.dtype)
             return tf.fill(channels, n), channel_sum(x, axis)
-        return (channel_sum(weights * tf.ones_like(x), axis),
+        # `broadcast_to`, not `weights * ones_like(x)`: Grappler's arithmetic optimiser
+        # rewrites that product as a tile and, for an empty batch of static shape,
+        # divides by its zero size (the process dies with SIGFPE, TensorFlow 2.21).
+        return (channel_sum(tf.broadcast_to(weights, tf.shape(x)), axis),
                 channel_sum(weights * x, axis))
 
     count, total = _sum_over_replicas(list(gated(first_pass, 2)))
@@ -138,6 +141,22 @@ def moments(x, axis, mask=None, gate=None):
 
     m2 = _sum_over_replicas(gated(second_pass, 1))
     return Moments(count, mean, m2)
+
+
+def eager_moments(x, axis, mask=None):
+    """:func:`moments` of eager tensors, outside a strategy, as one call of a function
+    traced once per rank, channel axis and mask rank (and dtypes), its shapes relaxed
+    after the first: one op at a time, their dispatch costs more than the reductions."""
+    rank = x.shape.rank
+    traced = _traced_moments(rank, axis % rank, None if mask is None else mask.shape.rank)
+    return Moments(*traced(x, mask))
+
+
+@functools.lru_cache(maxsize=None)
+def _traced_moments(rank, axis, mask_rank):
+    del rank, mask_rank  # part of the cache key: a relaxed shape keeps its rank
+    return tf.function(lambda x, mask: moments(x, axis, mask), reduce_retracing=True,
+                       autograph=False)
 
 
 def combine(a, b):

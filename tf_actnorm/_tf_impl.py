@@ -16,7 +16,10 @@ run_if = _ops.run_if
 
 
 def moments(x, axis, mask=None):
-    """Per-channel ``(count, mean, m2)`` of ``x`` (see ``_stats.moments``)."""
+    """Per-channel ``(count, mean, m2)`` of ``x`` (see ``_stats.moments``); eager
+    tensors outside a strategy in one traced call (``_stats.eager_moments``)."""
+    if tf.executing_eagerly() and _stats.replica_context() is None:
+        return tuple(_stats.eager_moments(x, axis, mask))
     return tuple(_stats.moments(x, axis, mask))
 
 
@@ -38,8 +41,7 @@ def maybe_initialize(layer, inputs, mask, training):
     flag = layer._state.maybe_initialize(inputs, mask, enabled=training)
     if tf.executing_eagerly():
         return flag
-    with tf.init_scope():
-        return not bool(layer.initialized.value.numpy())
+    return not _state.stored_flag(layer.initialized.value)
 
 
 def exporting():

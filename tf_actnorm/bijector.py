@@ -299,9 +299,8 @@ class ActNormBijector(tfp.bijectors.Bijector):
         bijector uninitialised (read now, or at trace time inside a function)."""
         if save_context.in_save_context() or not self._state.can_initialize():
             return
-        with tf.init_scope():
-            if bool(self._state.initialized.numpy()):
-                return
+        if self._state.stored_initialized():
+            return
         warnings.warn(
             f"ActNormBijector '{self.name}' was called in the {direction} direction before "
             f"initialisation (init_from={self._init_from!r}): it runs with its "
