@@ -4,11 +4,12 @@
 
 Prints markdown rows in run.py's format: ``initialize(steps=16)`` (256 KiB of images:
 one eager initialising pass) and ``initialize(steps=128)`` (2 MiB: streamed, one pass
-per layer through one ``jax.jit``-compiled function) of a Glow-like flow written in
+per layer through ``jax.jit``-compiled functions) of a Glow-like flow written in
 ``keras.ops`` (30 ActNorm layers, as run.py's TensorFlow flow: ActNorm, an invertible
 1x1 convolution, an affine coupling whose network holds two ActNorm layers), each from
-a fresh model, compilation included, against as many ``jax.jit``-compiled Adam train
-steps of the same model (their compilation not included). Target: <= 5x.
+a fresh model, compilation included (medians of 5 and 3 fresh models, as the
+TensorFlow rows), against as many ``jax.jit``-compiled Adam train steps of the same
+model (their compilation not included). Target: <= 5x.
 """
 
 import argparse
@@ -99,11 +100,13 @@ def main():
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    run_kib = (init._pass_run_bytes() or init._MERGE_BYTES) // 1024
+    plan = init._pass_plan()
+    run_kib, per_function = (plan.run_bytes or init._MERGE_BYTES) // 1024, plan.targets_per_function
     device = f"JAX {jax.__version__} {jax.default_backend()}, {platform.machine()}"
-    for count, path, rounds in ((16, "one eager pass (data within the 1 MiB budget)", 3),
-                                (128, "streamed: one pass per layer, one jit-compiled "
-                                      f"whole-model function, runs of {run_kib} KiB", 2)):
+    for count, path, rounds in ((16, "one eager pass (data within the 1 MiB budget)", 5),
+                                (128, "streamed: one pass per layer, two runs of "
+                                      f"{run_kib} KiB at once, one jit-compiled function per "
+                                      f"{per_function} layers (a prefix of the model)", 3)):
         init_s, train_s = init_seconds(count, rounds), train_seconds(count)
         ratio = init_s / train_s
         cells = (f"jax/init/glow/initialize(steps={count}) vs {count} train steps",

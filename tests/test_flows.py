@@ -338,43 +338,6 @@ def test_frozen_layer_bijectors_are_left_alone_unless_forced(rng):
     np.testing.assert_allclose(layer.log_scale.numpy(), log_scale, rtol=1e-5, atol=1e-5)
 
 
-def test_runs_computed_side_by_side_come_back_in_data_order():
-    """A streamed pass computes two runs of batches at once; their results are yielded
-    (and combined) in data order whichever finishes first, never more than two run at
-    once, and an error in one reaches the caller."""
-    import concurrent.futures
-    import threading
-
-    from tf_actnorm._flow_init import _two_at_a_time
-
-    running, most, count = [0], [0], [5]
-    lock = threading.Lock()
-    second_started = threading.Event()
-
-    def fn(batch):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        if batch % 2 == 0 and batch + 1 < count[0]:  # waits until the next run has started
-            second_started.wait(5)
-            second_started.clear()
-        else:
-            second_started.set()
-        with lock:
-            running[0] -= 1
-        if batch == 5:
-            raise ValueError("run 5 failed")
-        return batch * 10
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        runs = [(b, b + 1) for b in range(5)]
-        assert list(_two_at_a_time(pool, fn, runs)) == [(b * 10, b + 1) for b in range(5)]
-        assert most[0] == 2
-        count[0] = 6
-        with pytest.raises(ValueError, match="run 5 failed"):
-            list(_two_at_a_time(pool, fn, [(b, 1) for b in range(6)]))
-
-
 def test_streamed_passes_are_exact_and_repeatable(rng, monkeypatch):
     """Nine runs per pass, two at a time: the same bits on every run, and the values of
     one batch made of all of them."""

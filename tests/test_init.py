@@ -1,5 +1,6 @@
 """tf_actnorm.initialize: multi-batch initialisation on the TensorFlow backend."""
 
+import concurrent.futures
 import os
 import re
 import threading
@@ -554,3 +555,43 @@ def test_runs_of_batches_respect_the_smaller_of_their_limits(monkeypatch):
     assert sizes(10 * 128) == [3, 3, 3, 1]  # never above _MERGE_BYTES
     merged = np.concatenate([np.asarray(b) for b, _ in source.merged_batches(2 * 128)])
     np.testing.assert_array_equal(merged, data)
+
+
+def test_runs_computed_side_by_side_come_back_in_data_order():
+    """A compiled pass (of a model or a flow) computes two runs of batches at once;
+    their results are yielded (and combined) in data order whichever finishes first,
+    never more than two run at once, and an error in one reaches the caller. A run
+    that the function has not compiled for yet is computed in the calling thread."""
+    running, most, count = [0], [0], [5]
+    lock = threading.Lock()
+    second_started = threading.Event()
+
+    def fn(batch):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        if batch % 2 == 0 and batch + 1 < count[0]:  # waits until the next run has started
+            second_started.wait(5)
+            second_started.clear()
+        else:
+            second_started.set()
+        with lock:
+            running[0] -= 1
+        if batch == 5:
+            raise ValueError("run 5 failed")
+        return batch * 10
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        runs = [(b, b + 1) for b in range(5)]
+        assert list(init.two_at_a_time(pool, fn, runs)) == [(b * 10, b + 1) for b in range(5)]
+        assert most[0] == 2
+        count[0] = 6
+        with pytest.raises(ValueError, match="run 5 failed"):
+            list(init.two_at_a_time(pool, fn, [(b, 1) for b in range(6)]))
+        # Runs that `in_caller` picks are computed in the calling thread, in their place.
+        threads = []
+        results = init.two_at_a_time(
+            pool, lambda b: threads.append(threading.current_thread()) or b * 10,
+            [(b, 1) for b in range(1, 6, 2)], in_caller=lambda b: b == 3)
+        assert list(results) == [(10, 1), (30, 1), (50, 1)]
+        assert threads.count(threading.current_thread()) == 1

@@ -30,7 +30,6 @@ How it runs, as ``initialize`` does for Keras models:
   with outputs computed before the ActNorms were initialised.
 """
 
-import collections
 import concurrent.futures
 import functools
 import sys
@@ -42,6 +41,7 @@ import tensorflow as tf
 from tf_actnorm import _stats
 from tf_actnorm.init import _Source
 from tf_actnorm.init import add_first_batch_note
+from tf_actnorm.init import two_at_a_time
 
 DIRECTIONS = ("forward", "inverse")
 
@@ -299,7 +299,7 @@ class _Passes:
 
         if self._pool is None:
             return ((moments(batch), count) for batch, count in source.merged_batches())
-        return _two_at_a_time(self._pool, moments, source.merged_batches())
+        return two_at_a_time(self._pool, moments, source.merged_batches())
 
     def _eager_moments(self, batch, target):
         return self._moments(_fresh(batch), target)
@@ -359,19 +359,6 @@ def _padded(data, width):
     """[positions, channels] ``data`` with zero channels appended up to ``width``."""
     missing = width - int(data.shape[-1])
     return data if missing == 0 else tf.pad(data, [[0, 0], [0, missing]])
-
-
-def _two_at_a_time(pool, fn, runs):
-    """``(fn(batch), n)`` for each ``(batch, n)`` of ``runs``, in order, with up to two
-    calls of ``fn`` running in ``pool`` while the next run is read."""
-    pending = collections.deque()
-    for batch, count in runs:
-        pending.append((pool.submit(fn, batch), count))
-        if len(pending) == 2:
-            future, n = pending.popleft()
-            yield future.result(), n
-    for future, n in pending:
-        yield future.result(), n
 
 
 def _channels_last(data, axis):

@@ -18,20 +18,24 @@ How it runs:
   per forward pass: the batches are concatenated and one eager forward pass
   initialises every layer from its inputs before they go on, as a first training
   call on that batch would.
-* Otherwise one pass over the data per layer, one batch in memory at a time (runs of
-  small batches concatenated up to ``_MERGE_BYTES``): a layer's inputs depend on the
-  earlier layers' final parameters. Every pass runs one function, compiled once for
-  the model where the backend compiles (``tf.function`` on TensorFlow, ``jax.jit`` of
-  ``stateless_call`` on JAX; eager on PyTorch), whose ``target`` argument selects the
-  layer: each ActNorm call computes its moments inside ``ops.cond(target == index)``,
-  so a pass computes only its own layer's statistics, over every call of that layer
-  (shared layers, ``TimeDistributed``).
+* Otherwise one pass over the data per layer, a run of batches in memory at a time
+  (runs of small batches concatenated up to ``_MERGE_BYTES``): a layer's inputs
+  depend on the earlier layers' final parameters. Every pass runs a function compiled
+  once where the backend compiles (``tf.function`` on TensorFlow, for the model;
+  ``jax.jit`` of ``stateless_call`` on JAX, one per group of layers; eager on
+  PyTorch), whose ``target`` argument selects the layer: each ActNorm call computes
+  its moments inside ``ops.cond(target == index)``, so a pass computes only its own
+  layer's statistics, over every call of that layer (shared layers,
+  ``TimeDistributed``). Compiled passes compute two runs at once.
 * A layer that the model calls inside its own control flow under ``tf.function`` (a
   ``tf.cond`` branch, an RNN cell's loop) has its inputs in a graph of that control
   flow, which the function cannot return; its pass runs eagerly (same result).
 """
 
+import collections
+import concurrent.futures
 import contextlib
+import functools
 import itertools
 import math
 import sys
@@ -62,8 +66,8 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
     TensorFlow, JAX and PyTorch Keras backends.
 
     Memory does not grow with the number of batches: the data is read one batch at a
-    time (runs of small batches concatenated up to 1 MiB; a flow computes two runs
-    side by side), once per layer, except for a one-shot generator (see ``data``).
+    time (runs of small batches concatenated up to 1 MiB; compiled passes compute two
+    runs side by side), once per layer, except for a one-shot generator (see ``data``).
     When all the batches together hold at most 1 MiB of model inputs they are
     concatenated and one forward pass initialises every layer. Concatenating
     batches changes only how many examples one inference call sees, not the
@@ -166,9 +170,10 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
         _initialize_in_one_pass(model, targets, union[0])
         advance(len(targets) * union[1])
     else:
-        passes = _Passes(model, targets, first)
-        for index, layer in enumerate(targets):
-            _assign_from_moments(layer, passes.run(index, source, advance))
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="initialize") as pool:
+            passes = _Passes(model, targets, first, pool)
+            for index, layer in enumerate(targets):
+                _assign_from_moments(layer, passes.run(index, source, advance))
     progress.update(done, finalize=True)
     return {layer.name: {
         "mean_abs_bias": float(np.mean(np.abs(ops.convert_to_numpy(layer.bias)))),
@@ -229,13 +234,14 @@ class _Source:
             element = next(self._open(), None)
         if element is None:
             raise ValueError("initialize: `data` yielded no batches")
-        return _features(element)
+        return _as_tensors(_features(element))
 
     def keep_for_passes(self, passes):
         if self._one_shot and passes > 1:
             self._kept = []
 
     def batches(self):
+        """The batches' model inputs; numpy arrays stay numpy, for ``merged_batches``."""
         return (_features(element) for element in self._open())
 
     def merged_batches(self, limit=None):
@@ -249,12 +255,12 @@ class _Source:
         for batch in self.batches():
             if pending and (size + _nbytes(batch) > limit
                             or not _concatenable(pending[0], batch)):
-                yield _concatenated(pending), len(pending)
+                yield _as_tensors(_concatenated(pending)), len(pending)
                 pending, size = [], 0
             pending.append(batch)
             size += _nbytes(batch)
         if pending:
-            yield _concatenated(pending), len(pending)
+            yield _as_tensors(_concatenated(pending)), len(pending)
 
     def union(self):
         """``(batch, n)``: all ``n`` batches concatenated, if that fits in
@@ -282,15 +288,26 @@ _MERGE_BYTES = 1 << 20
 # activations stay in the CPU's caches on runs this small, where 1 MiB runs spill them.
 _JIT_CPU_RUN_BYTES = 1 << 18
 
+# Target layers per `jax.jit`-compiled pass function. Each function computes the model
+# up to its last target; more functions mean shorter prefixes, but each one compiles.
+_JIT_TARGETS_PER_FUNCTION = 15
 
-def _pass_run_bytes():
-    """The size of the runs of batches that a compiled pass takes (None: ``_MERGE_BYTES``)."""
-    if keras.backend.backend() == "jax":
+_PassPlan = collections.namedtuple("_PassPlan", "run_bytes targets_per_function side_by_side")
+
+
+def _pass_plan():
+    """How compiled passes run on this backend: ``run_bytes``, the size of the runs of
+    batches one call takes (None: ``_MERGE_BYTES``); ``targets_per_function``, how many
+    target layers share one compiled function (None: all, one trace on TensorFlow);
+    ``side_by_side``, whether two runs are computed at once (not on PyTorch, which runs
+    eagerly and spreads each op over the cores already)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
         import jax  # noqa: PLC0415 (the JAX backend only)
 
-        if jax.default_backend() == "cpu":
-            return _JIT_CPU_RUN_BYTES
-    return None
+        cpu = jax.default_backend() == "cpu"
+        return _PassPlan(_JIT_CPU_RUN_BYTES if cpu else None, _JIT_TARGETS_PER_FUNCTION, True)
+    return _PassPlan(None, None, backend == "tensorflow")
 
 
 def _itemsize(dtype):
@@ -313,17 +330,30 @@ def _concatenable(a, b):
 
 
 def _concatenated(batches):
+    """Numpy arrays are concatenated by numpy: one conversion to a tensor per run, not one
+    per batch, which costs more than the forward pass for small batches (JAX)."""
     if len(batches) == 1:
         return batches[0]
-    return keras.tree.map_structure(lambda *parts: ops.concatenate(parts, axis=0), *batches)
+
+    def concatenate(*parts):
+        if all(isinstance(part, np.ndarray) for part in parts):
+            return np.concatenate(parts, axis=0)
+        return ops.concatenate(parts, axis=0)
+
+    return keras.tree.map_structure(concatenate, *batches)
 
 
 def _features(element):
-    """The model inputs ``x`` of a batch (of ``(x, y[, sample_weight])`` tuples too), as
-    tensors of the backend."""
+    """The model inputs ``x`` of a batch (of ``(x, y[, sample_weight])`` tuples too):
+    numpy arrays as they are, anything else as tensors of the backend."""
     if isinstance(element, (tuple, list)):
         element = element[0]
-    return keras.tree.map_structure(ops.convert_to_tensor, element)
+    return keras.tree.map_structure(
+        lambda t: t if isinstance(t, np.ndarray) else ops.convert_to_tensor(t), element)
+
+
+def _as_tensors(batch):
+    return keras.tree.map_structure(ops.convert_to_tensor, batch)
 
 
 def _check_batched(model, x):
@@ -436,48 +466,87 @@ def _initialize_in_one_pass(model, targets, batch):
 
 
 class _Passes:
-    """Every layer's pass through one function of ``(batch, target)``, compiled once for
-    the model: the model in inference mode, returning per target layer the moments of
-    its inputs over all its calls; only the layer whose index is ``target`` computes
-    them (``ops.cond``), the others return zeros."""
+    """Every layer's pass through a function of ``(batch, target)`` compiled once for a
+    group of consecutive target layers (all of them, except on JAX): the model in
+    inference mode, returning per layer of the group the moments of its inputs over
+    all its calls; only the layer whose index is ``target`` computes them
+    (``ops.cond``), the others return zeros. A function returns nothing that the
+    layers after its group's last one compute, so XLA leaves them out (JAX): the
+    passes of early layers compute a prefix of the model.
 
-    def __init__(self, model, targets, first):
-        self.model, self.targets = model, targets
+    A compiled pass computes two runs of batches at once in ``pool``: its ops are
+    mostly small and one after another, so a single call leaves a core idle. A run of
+    a shape that the function has not run yet is computed in the calling thread, so
+    that the function is compiled (JAX: once per shape of run) in the caller's
+    context (``keras.distribution``, device scopes), and once.
+    """
+
+    def __init__(self, model, targets, first, pool):
+        self.model, self.targets, self._first = model, targets, first
         self._index = {id(layer): i for i, layer in enumerate(targets)}
         self._eager_only = set()  # layers whose inputs a traced pass cannot return
-        self._step = _compile(self._all_moments, model, first)
-        self._run_bytes = _pass_run_bytes()
+        plan = _pass_plan()
+        self._run_bytes, self._pool = plan.run_bytes, pool if plan.side_by_side else None
+        per_function = plan.targets_per_function or len(targets)
+        self._groups = [range(start, min(start + per_function, len(targets)))
+                        for start in range(0, len(targets), per_function)]
+        self._steps = {}  # group start -> its compiled function, made by its first pass
+        self._shapes = collections.defaultdict(set)  # group start -> shapes of runs it ran
 
     def run(self, index, source, advance):
         """The moments of ``targets[index]``'s inputs over all of ``source``'s batches;
-        ``advance(n)`` after each ``n`` batches."""
-        eager = index in self._eager_only
+        ``advance(n)`` after each ``n`` batches. They are combined in data order."""
+        group = next(g for g in self._groups if index in g)
+        if group.start not in self._steps:  # traced here on TensorFlow: finds `_eager_only`
+            self._steps[group.start] = _compile(
+                functools.partial(self._all_moments, group=group), self.model, self._first)
+        if index in self._eager_only:
+            group = range(index, index + 1)
+            step = functools.partial(self._eager_pass, index=index, group=group)
+            runs = source.merged_batches()
+        else:
+            step = functools.partial(self._steps[group.start], index=index)
+            runs = ((_distributed(batch), n) for batch, n in source.merged_batches(self._run_bytes))
+
+        def moments(batch):
+            # As numpy: [C] vectors, combined on the host without a dispatch per op.
+            return tuple(ops.convert_to_numpy(t) for t in step(batch)[index - group.start])
+
+        def new_shape(batch):
+            shapes, shape = self._shapes[group.start], _shape(batch)
+            is_new = shape not in shapes
+            shapes.add(shape)
+            return is_new
+
+        results = (two_at_a_time(self._pool, moments, runs, in_caller=new_shape)
+                   if self._pool and index not in self._eager_only
+                   else ((moments(batch), n) for batch, n in runs))
         total = None
-        for batch, count in source.merged_batches(None if eager else self._run_bytes):
-            if eager:
-                with _no_grad():
-                    moments = self._all_moments(lambda: _run(self.model, batch), index)
-            else:
-                moments = self._step(batch, index)
-            moments = moments[index]
-            total = moments if total is None else _formulas.combine(ops, total, moments)
+        for run_moments, count in results:
+            total = run_moments if total is None else _formulas.combine(np, total, run_moments)
             advance(count)
         return total
+
+    def _eager_pass(self, batch, index, group):
+        """The pass of a layer whose inputs a traced pass cannot return (TensorFlow)."""
+        with _no_grad():
+            return self._all_moments(lambda: _run(self.model, batch), index, group)
 
     def _zeros(self, index):
         layer = self.targets[index]
         zeros = ops.zeros(layer.initial_bias.shape, _formulas.stats_dtype(layer.compute_dtype))
         return zeros, zeros, zeros
 
-    def _all_moments(self, forward, target):
-        """Runs ``forward()`` collecting; ``target`` is an int (eager) or a scalar tensor."""
+    def _all_moments(self, forward, target, group):
+        """Runs ``forward()`` collecting the moments of the layers of ``group`` (a range of
+        indices); ``target`` is an int (eager) or a scalar tensor."""
         seen = {}
         traced = not isinstance(target, int)
         reachable = _reachability()
 
         def collect(layer, inputs, mask):
             index = self._index.get(id(layer))
-            if index is None:
+            if index is None or index not in group:
                 return
             if not traced:
                 if index != target:
@@ -495,7 +564,7 @@ class _Passes:
 
         with _collecting(collect):
             forward()
-        return tuple(seen.get(i, self._zeros(i)) for i in range(len(self.targets)))
+        return tuple(seen.get(i, self._zeros(i)) for i in group)
 
 
 def _reachability():
@@ -542,7 +611,7 @@ def _compile(all_moments, model, first):
             # earlier passes initialised.
             return jitted([v.value for v in model.trainable_variables],
                           [v.value for v in model.non_trainable_variables],
-                          _distributed(batch), np.int32(index))
+                          batch, np.int32(index))
 
         return step
 
@@ -551,6 +620,29 @@ def _compile(all_moments, model, first):
             return all_moments(lambda: _run(model, batch), index)
 
     return eager
+
+
+def two_at_a_time(pool, fn, runs, in_caller=None):
+    """``(fn(batch), n)`` for each ``(batch, n)`` of ``runs``, in order, with up to two
+    calls of ``fn`` running in ``pool`` while the next run is read. A run for which
+    ``in_caller(batch)`` is true is computed in the calling thread instead."""
+    pending = collections.deque()
+    for batch, count in runs:
+        if in_caller is not None and in_caller(batch):
+            future = concurrent.futures.Future()
+            future.set_result(fn(batch))
+        else:
+            future = pool.submit(fn, batch)
+        pending.append((future, count))
+        if len(pending) == 2:
+            future, n = pending.popleft()
+            yield future.result(), n
+    for future, n in pending:
+        yield future.result(), n
+
+
+def _shape(batch):
+    return tuple((tuple(t.shape), str(t.dtype)) for t in keras.tree.flatten(batch))
 
 
 def _distributed(batch):

@@ -58,8 +58,13 @@ def _layers(model):
 @pytest.mark.parametrize("merge_bytes", [1 << 20, 1], ids=["one-pass", "streamed"])
 def test_initialize_equals_one_training_call_on_all_batches(rng, kind, merge_bytes, monkeypatch):
     """Layer by layer equal to one training call on the concatenation, whether the data
-    fits one eager pass or streams one batch at a time through the compiled passes."""
+    fits one eager pass or streams one batch at a time through the compiled passes (on
+    JAX, with two layers per compiled function: two functions, the first a prefix)."""
     monkeypatch.setattr(init, "_MERGE_BYTES", merge_bytes)
+    monkeypatch.setattr(init, "_JIT_TARGETS_PER_FUNCTION", 2)
+    compiled = []
+    compile_pass = init._compile
+    monkeypatch.setattr(init, "_compile", lambda *args: compiled.append(1) or compile_pass(*args))
     data = _data(rng)
     make = _three_layer_model if kind == "sequential" else _Subclassed
     model, reference = make(), make()
@@ -67,6 +72,8 @@ def test_initialize_equals_one_training_call_on_all_batches(rng, kind, merge_byt
     batches = [data[i:i + 32] for i in range(0, 128, 32)]
     summary = tf_actnorm.initialize(model, batches, verbose=0)
     assert list(summary) == ["an0", "an1", "an2"]
+    streamed = merge_bytes == 1
+    assert len(compiled) == (0 if not streamed else 2 if BACKEND == "jax" else 1)
     reference(data, training=True)
     for ours, theirs in zip(_layers(model), _layers(reference), strict=True):
         for a, b in zip(ours.weights, theirs.weights, strict=True):
