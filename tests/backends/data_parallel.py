@@ -1,6 +1,7 @@
 """``keras.distribution.DataParallel`` scenario for test_backend_layer.py, in a fresh
 process (``XLA_FLAGS=--xla_force_host_platform_device_count=2`` must be set before
-JAX starts). Prints one line ``RESULT <json>``.
+JAX starts). Runs fit and ``initialize``, each distributed and on one device, and prints
+one line ``RESULT <json>`` of the four results.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \\
         python tests/backends/data_parallel.py
@@ -81,9 +82,8 @@ def run_initialize(distributed):
 
 if __name__ == "__main__":
     assert keras.backend.backend() == "jax", keras.backend.backend()
-    mode = sys.argv[1] if len(sys.argv) > 1 else "distributed"
-    if mode.startswith("initialize"):
-        print("RESULT " + json.dumps(run_initialize(mode == "initialize-distributed")))
-    else:
-        print("RESULT " + json.dumps(run(mode == "distributed")))
+    # One process for the four runs: each sets, and then clears, its own distribution.
+    print("RESULT " + json.dumps({
+        "distributed": run(True), "single": run(False),
+        "initialize-distributed": run_initialize(True), "initialize": run_initialize(False)}))
     print("jax", jax.__version__, file=sys.stderr)

@@ -281,13 +281,15 @@ def test_keras_drops_trainable_assignments_in_jax_fit():
     assert npy(probe.n) == 5.0 and npy(probe.t) == 0.0
 
 
-def _data_parallel(mode):
+@pytest.fixture(scope="module")
+def data_parallel():
+    """The runs of ``data_parallel.py`` (one fresh process with 2 CPU devices), by mode."""
     import json
     import subprocess
 
     script = os.path.join(os.path.dirname(__file__), "data_parallel.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run([sys.executable, script, mode], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True,
                           text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
@@ -295,11 +297,11 @@ def _data_parallel(mode):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.DataParallel: JAX backend only")
-def test_data_parallel_fit_initialises_from_the_global_batch():
+def test_data_parallel_fit_initialises_from_the_global_batch(data_parallel):
     """DataParallel over 2 CPU devices: the first fit batch (4 examples per device, with
     very different statistics per device) initialises from the global batch, equal to
     numpy and to the single-device init on the same data; later batches change nothing."""
-    distributed, single = _data_parallel("distributed"), _data_parallel("single")
+    distributed, single = data_parallel["distributed"], data_parallel["single"]
     assert distributed["devices"] == 2 and distributed["sharding_devices"] == 2
     assert distributed["initialized"]
     bias, log_scale = numpy_init(np.asarray(distributed["x"]))
@@ -310,11 +312,11 @@ def test_data_parallel_fit_initialises_from_the_global_batch():
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.DataParallel: JAX backend only")
-def test_data_parallel_initialize_gives_the_statistics_of_all_batches():
+def test_data_parallel_initialize_gives_the_statistics_of_all_batches(data_parallel):
     """`initialize` under DataParallel over 2 CPU devices (each batch split over the
     devices, halves with very different statistics), streaming through its compiled
     passes: numpy's statistics of all the batches, layer by layer, as on one device."""
-    distributed, single = _data_parallel("initialize-distributed"), _data_parallel("initialize")
+    distributed, single = data_parallel["initialize-distributed"], data_parallel["initialize"]
     assert distributed["devices"] == 2 and distributed["sharding_devices"] == 2
     bias, log_scale = numpy_init(np.asarray(distributed["x"]))
     np.testing.assert_allclose(distributed["bias"], bias, **TOL)
