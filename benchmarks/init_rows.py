@@ -101,12 +101,12 @@ def main():
         return statistics.median(times)
 
     plan = init._pass_plan()
-    run_kib, per_function = (plan.run_bytes or init._MERGE_BYTES) // 1024, plan.targets_per_function
+    run_kib = (plan.run_bytes or init._MERGE_BYTES) // 1024
     device = f"JAX {jax.__version__} {jax.default_backend()}, {platform.machine()}"
     for count, path, rounds in ((16, "one eager pass (data within the 1 MiB budget)", 5),
                                 (128, "streamed: one pass per layer, two runs of "
-                                      f"{run_kib} KiB at once, one jit-compiled function per "
-                                      f"{per_function} layers (a prefix of the model)", 3)):
+                                      f"{run_kib} KiB at once, {plan.functions} jit-compiled "
+                                      "functions (the first: a prefix of the model)", 3)):
         init_s, train_s = init_seconds(count, rounds), train_seconds(count)
         ratio = init_s / train_s
         cells = (f"jax/init/glow/initialize(steps={count}) vs {count} train steps",

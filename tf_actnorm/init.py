@@ -22,7 +22,7 @@ How it runs:
   (runs of small batches concatenated up to ``_MERGE_BYTES``): a layer's inputs
   depend on the earlier layers' final parameters. Every pass runs a function compiled
   once where the backend compiles (``tf.function`` on TensorFlow, for the model;
-  ``jax.jit`` of ``stateless_call`` on JAX, one per group of layers; eager on
+  ``jax.jit`` of ``stateless_call`` on JAX, one per half of the layers; eager on
   PyTorch), whose ``target`` argument selects the layer: each ActNorm call computes
   its moments inside ``ops.cond(target == index)``, so a pass computes only its own
   layer's statistics, over every call of that layer (shared layers,
@@ -288,17 +288,18 @@ _MERGE_BYTES = 1 << 20
 # activations stay in the CPU's caches on runs this small, where 1 MiB runs spill them.
 _JIT_CPU_RUN_BYTES = 1 << 18
 
-# Target layers per `jax.jit`-compiled pass function. Each function computes the model
-# up to its last target; more functions mean shorter prefixes, but each one compiles.
-_JIT_TARGETS_PER_FUNCTION = 15
+# `jax.jit`-compiled pass functions, each for a share of the target layers. A function
+# computes the model up to its last target: more functions mean shorter prefixes, but
+# each one compiles (see docs/benchmarks.md).
+_JIT_FUNCTIONS = 2
 
-_PassPlan = collections.namedtuple("_PassPlan", "run_bytes targets_per_function side_by_side")
+_PassPlan = collections.namedtuple("_PassPlan", "run_bytes functions side_by_side")
 
 
 def _pass_plan():
     """How compiled passes run on this backend: ``run_bytes``, the size of the runs of
-    batches one call takes (None: ``_MERGE_BYTES``); ``targets_per_function``, how many
-    target layers share one compiled function (None: all, one trace on TensorFlow);
+    batches one call takes (None: ``_MERGE_BYTES``); ``functions``, among how many
+    compiled functions the target layers are shared (one trace on TensorFlow);
     ``side_by_side``, whether two runs are computed at once (not on PyTorch, which runs
     eagerly and spreads each op over the cores already)."""
     backend = keras.backend.backend()
@@ -306,8 +307,8 @@ def _pass_plan():
         import jax  # noqa: PLC0415 (the JAX backend only)
 
         cpu = jax.default_backend() == "cpu"
-        return _PassPlan(_JIT_CPU_RUN_BYTES if cpu else None, _JIT_TARGETS_PER_FUNCTION, True)
-    return _PassPlan(None, None, backend == "tensorflow")
+        return _PassPlan(_JIT_CPU_RUN_BYTES if cpu else None, _JIT_FUNCTIONS, True)
+    return _PassPlan(None, 1, backend == "tensorflow")
 
 
 def _itemsize(dtype):
@@ -467,7 +468,7 @@ def _initialize_in_one_pass(model, targets, batch):
 
 class _Passes:
     """Every layer's pass through a function of ``(batch, target)`` compiled once for a
-    group of consecutive target layers (all of them, except on JAX): the model in
+    group of consecutive target layers (all of them; on JAX, each half): the model in
     inference mode, returning per layer of the group the moments of its inputs over
     all its calls; only the layer whose index is ``target`` computes them
     (``ops.cond``), the others return zeros. A function returns nothing that the
@@ -487,7 +488,7 @@ class _Passes:
         self._eager_only = set()  # layers whose inputs a traced pass cannot return
         plan = _pass_plan()
         self._run_bytes, self._pool = plan.run_bytes, pool if plan.side_by_side else None
-        per_function = plan.targets_per_function or len(targets)
+        per_function = -(-len(targets) // plan.functions)
         self._groups = [range(start, min(start + per_function, len(targets)))
                         for start in range(0, len(targets), per_function)]
         self._steps = {}  # group start -> its compiled function, made by its first pass

@@ -59,9 +59,9 @@ def _layers(model):
 def test_initialize_equals_one_training_call_on_all_batches(rng, kind, merge_bytes, monkeypatch):
     """Layer by layer equal to one training call on the concatenation, whether the data
     fits one eager pass or streams one batch at a time through the compiled passes (on
-    JAX, with two layers per compiled function: two functions, the first a prefix)."""
+    JAX, in two compiled functions: the first, for two layers, a prefix of the model)."""
     monkeypatch.setattr(init, "_MERGE_BYTES", merge_bytes)
-    monkeypatch.setattr(init, "_JIT_TARGETS_PER_FUNCTION", 2)
+    monkeypatch.setattr(init, "_JIT_FUNCTIONS", 2)
     compiled = []
     compile_pass = init._compile
     monkeypatch.setattr(init, "_compile", lambda *args: compiled.append(1) or compile_pass(*args))
