@@ -561,7 +561,8 @@ def test_runs_computed_side_by_side_come_back_in_data_order():
     """A compiled pass (of a model or a flow) computes two runs of batches at once;
     their results are yielded (and combined) in data order whichever finishes first,
     never more than two run at once, and an error in one reaches the caller. A run
-    that the function has not compiled for yet is computed in the calling thread."""
+    that the function has not compiled for yet, and every run of an eager pass (no
+    pool), is computed in the calling thread."""
     running, most, count = [0], [0], [5]
     lock = threading.Lock()
     second_started = threading.Event()
@@ -595,3 +596,9 @@ def test_runs_computed_side_by_side_come_back_in_data_order():
             [(b, 1) for b in range(1, 6, 2)], in_caller=lambda b: b == 3)
         assert list(results) == [(10, 1), (30, 1), (50, 1)]
         assert threads.count(threading.current_thread()) == 1
+    # Without a pool (eager passes) every run is computed in the calling thread, in order.
+    threads.clear()
+    assert list(init.two_at_a_time(None, lambda b: threads.append(threading.current_thread())
+                                   or b * 10, [(b, 1) for b in range(3)])) == [
+        (0, 1), (10, 1), (20, 1)]
+    assert threads == [threading.current_thread()] * 3

@@ -30,7 +30,6 @@ How it runs, as ``initialize`` does for Keras models:
   with outputs computed before the ActNorms were initialised.
 """
 
-import concurrent.futures
 import functools
 import sys
 
@@ -41,6 +40,7 @@ import tensorflow as tf
 from tf_actnorm import _stats
 from tf_actnorm.init import _Source
 from tf_actnorm.init import add_first_batch_note
+from tf_actnorm.init import pass_pool
 from tf_actnorm.init import two_at_a_time
 
 DIRECTIONS = ("forward", "inverse")
@@ -64,7 +64,7 @@ def initialize_flow(flow, data, steps, batch_size, force, verbose, direction):
         keras.utils.Progbar(total, verbose=verbose, unit_name="batch").update(
             total, finalize=True)
         return _summary(initialised)
-    with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="initialize") as pool:
+    with pass_pool() as pool:
         return _stream(_Passes(flow.name, run, first, pool), source, force, verbose)
 
 
@@ -297,8 +297,6 @@ class _Passes:
             padded = self._step(batch, index)
             return _stats.Moments(*(tf.cast(t[:channels], zeros.count.dtype) for t in padded))
 
-        if self._pool is None:
-            return ((moments(batch), count) for batch, count in source.merged_batches())
         return two_at_a_time(self._pool, moments, source.merged_batches())
 
     def _eager_moments(self, batch, target):

@@ -170,7 +170,7 @@ def initialize(model, data, steps=None, batch_size=32, force=False, verbose=1, d
         _initialize_in_one_pass(model, targets, union[0])
         advance(len(targets) * union[1])
     else:
-        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="initialize") as pool:
+        with pass_pool() as pool:
             passes = _Passes(model, targets, first, pool)
             for index, layer in enumerate(targets):
                 _assign_from_moments(layer, passes.run(index, source, advance))
@@ -519,9 +519,8 @@ class _Passes:
             shapes.add(shape)
             return is_new
 
-        results = (two_at_a_time(self._pool, moments, runs, in_caller=new_shape)
-                   if self._pool and index not in self._eager_only
-                   else ((moments(batch), n) for batch, n in runs))
+        pool = None if index in self._eager_only else self._pool
+        results = two_at_a_time(pool, moments, runs, in_caller=new_shape)
         total = None
         for run_moments, count in results:
             total = run_moments if total is None else _formulas.combine(np, total, run_moments)
@@ -623,13 +622,19 @@ def _compile(all_moments, model, first):
     return eager
 
 
+def pass_pool():
+    """The threads that compute two runs of a compiled pass at once (see ``two_at_a_time``)."""
+    return concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="initialize")
+
+
 def two_at_a_time(pool, fn, runs, in_caller=None):
     """``(fn(batch), n)`` for each ``(batch, n)`` of ``runs``, in order, with up to two
     calls of ``fn`` running in ``pool`` while the next run is read. A run for which
-    ``in_caller(batch)`` is true is computed in the calling thread instead."""
+    ``in_caller(batch)`` is true, and every run when ``pool`` is None, is computed in
+    the calling thread instead."""
     pending = collections.deque()
     for batch, count in runs:
-        if in_caller is not None and in_caller(batch):
+        if pool is None or (in_caller is not None and in_caller(batch)):
             future = concurrent.futures.Future()
             future.set_result(fn(batch))
         else:
