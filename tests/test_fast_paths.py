@@ -1,20 +1,20 @@
 """The fast paths behind the benchmarks compute what the plain ops compute.
 
-``_stats.channel_sum`` (per-channel sums as matrix-vector products on CPU) and
-``_math.channel_grads`` (the backward pass of the transform) must agree with
+``_tf_backend.channel_sum`` (per-channel sums as matrix-vector products on CPU) and
+``_ops.channel_grads`` (the backward pass of the transform) must agree with
 ``tf.reduce_sum`` and the plain ops, for every rank and channel axis, eagerly, in graph
-mode and under XLA; ``_math.forward`` is the plain multiply-add in every float dtype
+mode and under XLA; ``_ops.forward`` is the plain multiply-add in every float dtype
 (its gradients' exactness: ``tests/test_gradients.py``); the bijector's O(1) sum of
 its log-det over extra event dimensions must agree with TFP's generic one;
-``_stats.eager_moments`` (one call of a traced function) must give NumPy's moments.
+``_ops.moments`` of eager tensors (one call of a traced function) must give NumPy's moments.
 """
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_actnorm import _math
-from tf_actnorm import _stats
+from tf_actnorm import _ops
+from tf_actnorm import _tf_backend
 
 SHAPES = [
     ((16, 3), -1), ((16, 3), 1),
@@ -49,7 +49,7 @@ def test_channel_sum_matches_reduce_sum(rng, shape, axis, mode, dtype):
     x = tf.constant(rng.normal(size=shape) * 10 + 3, dtype)
     expected = tf.reduce_sum(
         x, [i for i in range(len(shape)) if i != axis % len(shape)]).numpy()
-    got = _run(mode, lambda x: _stats.channel_sum(x, axis), x).numpy()
+    got = _run(mode, lambda x: _tf_backend.channel_sum(x, axis), x).numpy()
     assert got.shape == (shape[axis],)
     np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == tf.float32 else 1e-12,
                                atol=1e-3 if dtype == tf.float32 else 1e-9)
@@ -61,7 +61,7 @@ def test_channel_sum_matches_reduce_sum(rng, shape, axis, mode, dtype):
 def test_channel_grads_match_the_plain_ops(rng, shape, axis, centered, mode):
     out, scale, center, d_out = _params(rng, shape, axis, tf.float64)
     scale, center = tf.reshape(scale, [-1]), tf.reshape(center, [-1])
-    got = _run(mode, lambda d, o, s, c: _math.channel_grads(d, o, s, c if centered else None,
+    got = _run(mode, lambda d, o, s, c: _ops.channel_grads(d, o, s, c if centered else None,
                                                             axis), d_out, out, scale, center)
     cshape = [1] * len(shape)
     cshape[axis] = -1
@@ -82,11 +82,11 @@ def test_forward_is_the_plain_multiply_add(rng, dtype):
     log_scale = tf.constant(rng.normal(size=3) * 0.3, tf.float32)
     scale = tf.exp(log_scale)
     np.testing.assert_array_equal(
-        _math.forward(x, bias, log_scale, -1).numpy(),
+        _ops.forward(x, bias, log_scale, -1).numpy(),
         (x * tf.cast(scale, dtype) + tf.cast(bias * scale, dtype)).numpy())
     with tf.GradientTape() as tape:
         tape.watch([x, bias, log_scale])
-        y = _math.forward(x, bias, log_scale, -1)
+        y = _ops.forward(x, bias, log_scale, -1)
     got = tape.gradient(y, [x, bias, log_scale], output_gradients=dy)
     with tf.GradientTape() as tape:
         tape.watch([x, bias, log_scale])
@@ -103,7 +103,7 @@ def test_variable_input(rng):
     log_scale = tf.constant([0.1, -0.2, 0.3])
     v = tf.Variable(x)
     with tf.GradientTape() as tape:
-        y = _math.forward(v, tf.zeros(3), log_scale, -1)
+        y = _ops.forward(v, tf.zeros(3), log_scale, -1)
     np.testing.assert_allclose(tape.gradient(y, v, output_gradients=dy).numpy(),
                                (dy * tf.exp(log_scale)).numpy(), rtol=1e-6)
 
@@ -152,12 +152,12 @@ def test_eager_moments_are_numpys_from_one_traced_call(rng, shape, axis, masked)
     mask = rng.uniform(size=mask_shape) < 0.7 if masked else None
     x = tf.constant(data)
     mask_tensor = None if mask is None else tf.constant(mask)
-    traced = _stats._traced_moments(len(shape), channel_axis, None if mask is None else mask.ndim)
-    eager = _stats.eager_moments(x, axis, mask_tensor)
+    traced = _tf_backend._traced_moments(len(shape), channel_axis, None if mask is None else mask.ndim)
+    eager = _ops.moments(x, axis, mask_tensor)
     traces = traced.experimental_get_tracing_count()
-    again = _stats.eager_moments(x, axis, mask_tensor)
+    again = _ops.moments(x, axis, mask_tensor)
     assert traced.experimental_get_tracing_count() == traces  # one call, no new trace
-    in_graph = tf.function(lambda x, m: _stats.moments(x, axis, m))(x, mask_tensor)
+    in_graph = tf.function(lambda x, m: _ops.moments(x, axis, m))(x, mask_tensor)
     for ours, theirs in [*zip(eager, again), *zip(eager, in_graph)]:
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
     values = np.moveaxis(data.astype("float64"), channel_axis, -1).reshape(-1, shape[axis])

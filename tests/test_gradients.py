@@ -1,6 +1,6 @@
 """ActNorm's gradients are exact and keep no activation of their own.
 
-The custom gradient of ``_math.forward`` / ``_math.inverse`` is written in terms of
+The custom gradient of ``_ops.forward`` / ``_ops.inverse`` (TensorFlow backend) is written in terms of
 the transform's *output*. These tests pin it against ``tf.GradientTape`` autodiff of
 the plain formulas ``exp(l) * (x + b)`` and ``y * exp(-l) - b`` on the same values,
 for the layer and the bijector, ranks 2-5, channels-last and channels-first, with
@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import tf_actnorm
 from benchmarks.graph_memory import saved_forward_tensors
-from tf_actnorm import _math
+from tf_actnorm import _ops
 from tests.util import assign_parameters
 
 SHAPES = [(16, 3), (4, 5, 3), (3, 4, 5, 3), (2, 3, 4, 5, 3)]
@@ -165,7 +165,7 @@ def test_second_order_gradients_match_autodiff(rng, inverse, mode):
             return outer.gradient(total, [x, bias, log_scale])
         return _run(mode, run, x, bias, log_scale)
 
-    fn = _math.inverse if inverse else _math.forward
+    fn = _ops.inverse if inverse else _ops.forward
     got = hessian_vector(lambda t, b, l: fn(t, b, l, -1))
     expected = hessian_vector(lambda t, b, l: _plain(t, b, l, -1, inverse))
     for g, e in zip(got, expected):

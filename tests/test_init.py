@@ -253,17 +253,17 @@ def test_data_that_fits_one_batch_initialises_in_one_eager_pass(rng, kind, monke
 
 
 def test_statistics_are_traced_once_per_layer_not_per_batch(rng, monkeypatch):
-    from tf_actnorm import _stats
+    from tf_actnorm import _ops
 
     monkeypatch.setattr(init, "_MERGE_BYTES", 1)
     calls = []
-    moments = _stats.moments
+    moments = _ops.moments
 
     def counting(*args, **kwargs):
         calls.append(1)
         return moments(*args, **kwargs)
 
-    monkeypatch.setattr(_stats, "moments", counting)
+    monkeypatch.setattr(_ops, "moments", counting)
     data = _data(rng, 150)  # 10 batches of 16 and a last one of 6
     model = _three_layer_model()
     tf_actnorm.initialize(model, tf.data.Dataset.from_tensor_slices(data).batch(16), verbose=0)

@@ -19,7 +19,7 @@ How it runs, as ``initialize`` does for Keras models:
   earlier ActNorms' final parameters. Batches are read in runs (small ones concatenated
   up to 1 MiB), two runs computed side by side (a pass's ops are small and sequential,
   so one call alone leaves a core idle): at most two runs in memory. The moments of the
-  runs are combined exactly, in data order (``_stats.combine``). All passes run one
+  runs are combined exactly, in data order (``_ops.combine``). All passes run one
   function, traced once (``autograph=False``), that computes about the flow up to the
   pass's ActNorm (see ``_Passes``).
 * Only the values are computed, never the log-determinants: for a
@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_actnorm import _stats
+from tf_actnorm import _ops
 from tf_actnorm.init import _Source
 from tf_actnorm.init import add_first_batch_note
 from tf_actnorm.init import pass_pool
@@ -80,7 +80,7 @@ def _stream(passes, source, force, verbose):
     for call in calls:
         moments = _zero_moments(call.bijector)
         for batch_moments, count in passes.batches(call, source):
-            moments = _stats.combine(moments, batch_moments)
+            moments = _ops.combine(moments, batch_moments)
             done += count
             progress.update(done)
         call.bijector._state.assign_from_moments(moments, call.from_outputs)
@@ -237,7 +237,7 @@ class _OnePass:
         if not (self.force or call.needs_init()):
             return [], data
         self.initialised.append(call)
-        moments = _stats.eager_moments(data, bijector.axis)
+        moments = _ops.moments(data, bijector.axis)
         return [bijector._state.assign_from_moments(moments, from_outputs)], data
 
 
@@ -295,7 +295,7 @@ class _Passes:
 
         def moments(batch):
             padded = self._step(batch, index)
-            return _stats.Moments(*(tf.cast(t[:channels], zeros.count.dtype) for t in padded))
+            return _ops.Moments(*(tf.cast(t[:channels], zeros.count.dtype) for t in padded))
 
         return two_at_a_time(self._pool, moments, source.merged_batches())
 
@@ -349,7 +349,7 @@ class _Passes:
         values = [seen[i] for i in range(len(self.order))]
         dtype = tf.float64 if any(v.dtype == tf.float64 for v in values) else tf.float32
         width = max(int(v.shape[-1]) for v in values)
-        return _stats.moments(tf.concat([_padded(tf.cast(v, dtype), width) for v in values],
+        return _ops.moments(tf.concat([_padded(tf.cast(v, dtype), width) for v in values],
                                         axis=0), -1)
 
 
@@ -375,8 +375,7 @@ def _spec(batch):
 
 
 def _zero_moments(bijector):
-    zeros = tf.zeros(bijector._state.initial_bias.shape, _stats.stats_dtype(bijector.dtype))
-    return _stats.Moments(zeros, zeros, zeros)
+    return _ops.zero_moments(int(bijector._state.initial_bias.shape[0]), bijector.dtype)
 
 
 def _summary(bijectors):

@@ -1,12 +1,10 @@
 """ActNorm's formulas, written once against an array namespace ``xp``.
 
-``xp`` is ``keras.ops`` (the JAX and PyTorch Keras backends, see ``_ops``, and
-``tf_actnorm.initialize`` on every backend), :data:`tf_actnorm._stats.TF` (TensorFlow
-ops, for the TensorFlow backend and the TFP bijector), or ``tf_actnorm.torch.TORCH``
-(plain PyTorch, for ``tf_actnorm.torch``). They provide
+``xp`` is ``keras.ops`` (``_ops``: the Keras layer on every backend, the TFP bijector,
+``tf_actnorm.initialize``), NumPy (moments combined on the host by ``initialize``), or
+``tf_actnorm.torch.TORCH`` (plain PyTorch, for ``tf_actnorm.torch``). They provide
 ``sqrt``, ``maximum``, ``square``, ``log``, ``exp``, ``sum``, ``cast``, ``all``,
-``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports
-no backend: it is what the TensorFlow path and the ``keras.ops`` path share.
+``isfinite`` and ``logical_and`` with NumPy's meaning. This module imports no backend.
 
 The transform is ``y = s * (x + b)`` with ``s = exp(log_scale)``, computed as one
 multiply-add on the big tensor, ``y = x * s + b * s``; its inverse is

@@ -10,9 +10,12 @@ import tensorflow_probability as tfp
 from tensorflow.python.saved_model import save_context
 from tensorflow_probability.python.internal import parameter_properties
 
+import keras
+from keras import ops
+
 from tf_actnorm import _checks
-from tf_actnorm import _math
-from tf_actnorm import _state
+from tf_actnorm import _formulas
+from tf_actnorm import _ops
 
 
 INIT_FROM = ("forward", "inverse", "either")
@@ -123,6 +126,11 @@ class ActNormBijector(tfp.bijectors.Bijector):
         if not isinstance(axis, int) or axis >= 0:
             raise ValueError(
                 f"{name}: `axis` must be a negative int counted from the end of the event, got {axis!r}")
+        if keras.backend.backend() != "tensorflow":
+            raise NotImplementedError(
+                f"{name}: ActNormBijector is a TensorFlow Probability bijector and needs the "
+                f"TensorFlow Keras backend (KERAS_BACKEND=tensorflow); the backend is "
+                f"{keras.backend.backend()!r}")
         with tf.name_scope(name) as scope_name:
             if _state is None:
                 if not isinstance(num_channels, int) or num_channels <= 0:
@@ -163,7 +171,8 @@ class ActNormBijector(tfp.bijectors.Bijector):
                 f"{layer.name}: build the layer (call it once, or `layer.build(shape)`) "
                 "before taking its bijector")
         rank = layer.input_spec.ndim
-        state = layer._state
+        # The TensorFlow variables under the layer's, which this tf.Module tracks.
+        state = _ops.State.of_layer(layer, variable=lambda v: v.value)
         state.axis = layer.axis % rank - rank
         state.can_initialize = lambda: layer.trainable  # a frozen layer never changes
         return cls(num_channels=int(layer.initial_bias.shape[0]), axis=state.axis,
@@ -316,11 +325,11 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
     def _forward(self, x):
         return self._init_then(
-            x, False, lambda t: _math.forward(t, self.bias, self.log_scale, self._axis))
+            x, False, lambda t: _ops.forward(t, self.bias, self.log_scale, self._axis))
 
     def _inverse(self, y):
         return self._init_then(
-            y, True, lambda t: _math.inverse(t, self.bias, self.log_scale, self._axis))
+            y, True, lambda t: _ops.inverse(t, self.bias, self.log_scale, self._axis))
 
     def _forward_log_det_jacobian(self, x):
         return self._init_then(x, False, self._event_log_det, value_call=False)
@@ -333,7 +342,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
         # size of any further event dimensions.
         event_shape = tf.shape(x)[tf.rank(x) + self._axis:]
         positions = tf.reduce_prod(event_shape) // event_shape[0]
-        return _math.log_det(tf.convert_to_tensor(self.log_scale), positions)
+        return _formulas.log_det(ops, ops.convert_to_tensor(self.log_scale), positions)
 
     def _parameter_control_dependencies(self, is_init):
         if not self.validate_args or is_init or _checks.in_xla_context():
@@ -346,14 +355,14 @@ class ActNormBijector(tfp.bijectors.Bijector):
 
 def _new_state(num_channels, axis, epsilon, dtype, name):
     # Aggregations as the layer's: under a tf.distribute strategy the variables are
-    # mirrored and assigned in replica context (see _state); outside one they are
+    # mirrored and assigned in replica context (see _ops.State); outside one they are
     # plain variables and the arguments change nothing.
     def variable(value, aggregation, **kwargs):
         return tf.Variable(value, synchronization=tf.VariableSynchronization.ON_WRITE,
                            aggregation=aggregation, **kwargs)
 
     mean = tf.VariableAggregation.MEAN
-    return _state.ActNormState(
+    return _ops.State(
         variable(tf.zeros([num_channels], dtype), mean, name="bias"),
         variable(tf.zeros([num_channels], dtype), mean, name="log_scale"),
         variable(False, tf.VariableAggregation.ONLY_FIRST_REPLICA, trainable=False,

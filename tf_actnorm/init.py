@@ -44,9 +44,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_actnorm import _backend
-from tf_actnorm import _checks
 from tf_actnorm import _formulas
+from tf_actnorm import _ops
 from tf_actnorm.layer import moments_collector
 
 
@@ -376,7 +375,7 @@ def _is_initialized(layer):
 
 def _moments(layer, inputs, mask):
     """``(count, mean, m2)`` of one call's inputs, in the layer's statistics dtype."""
-    moments = _backend.implementation().moments(inputs, layer.axis, mask)
+    moments = _ops.moments(inputs, layer.axis, mask)
     return tuple(ops.cast(t, _formulas.stats_dtype(layer.compute_dtype)) for t in moments)
 
 
@@ -439,17 +438,7 @@ def _actnorm_layers_in_call_order(model, batch):
 def _assign_from_moments(layer, moments):
     """Assign the parameters that standardise data with these moments (eagerly); raise
     ``ValueError`` naming the layer, changing nothing, when they cannot."""
-    count, mean, m2 = moments
-    if not bool(ops.convert_to_numpy(_formulas.is_valid(ops, count, mean, m2))):
-        has_data = bool(ops.convert_to_numpy(ops.all(count > 0)))
-        raise ValueError(_checks.cannot_initialise(layer.name, has_data))
-    values = _formulas.init_from_inputs(ops, mean, _formulas.variance(ops, count, m2),
-                                        layer.epsilon)
-    # The parameters are initial + residual: the residuals stay, `initial = value - residual`.
-    for variable, residual, value in zip((layer.initial_bias, layer.initial_log_scale),
-                                         (layer.bias_residual, layer.log_scale_residual), values):
-        variable.assign(ops.cast(value, variable.dtype) - ops.convert_to_tensor(residual))
-    layer.initialized.assign(True)
+    layer._state.assign_from_moments(_ops.Moments(*moments))
 
 
 def _initialize_in_one_pass(model, targets, batch):

@@ -14,6 +14,7 @@ from keras.src.backend.common.stateless_scope import get_stateless_scope
 
 from tf_actnorm import _backend
 from tf_actnorm import _checks
+from tf_actnorm import _ops
 
 
 # While set (by `tf_actnorm.initialize`), a callable ``collect(layer, inputs, mask)``
@@ -31,7 +32,7 @@ def _current_forward_pass():
 
 class _FirstTrainingCall:
     """The first training-mode call of a forward pass: which pass (a weak reference),
-    whether it initialised the layer (what the backend's ``maybe_initialize`` returns),
+    whether it initialised the layer (``_backend``'s ``initialized_by_call``),
     and whether a later call of the pass has already reported it."""
 
     def __init__(self, forward_pass, initialized):
@@ -175,9 +176,10 @@ class ActNorm(keras.layers.Layer):
 
     @property
     def _state(self):
-        # TensorFlow backend only (`tf_actnorm.initialize`, `bijector`, export checks).
-        # Made from the variables on each use, never captured in `build`.
-        return _backend.implementation().state(self)
+        # Made from the variables on each use, never captured in `build`: a layer built
+        # while Keras traces a parent layer that has no `build` (a stateless scope) gets
+        # its variables only after that trace.
+        return _ops.State.of_layer(self)
 
     def __call__(self, inputs, *args, **kwargs):
         dtype = getattr(inputs, "dtype", None)
@@ -187,21 +189,20 @@ class ActNorm(keras.layers.Layer):
         return super().__call__(inputs, *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
-        impl = _backend.implementation()
         collect = moments_collector.get()
         if collect is not None:
             collect(self, inputs, mask)
         elif self.trainable and training is not None and training is not False:
             # Keras' rule (BatchNormalization's): only training mode changes state, and
             # a frozen layer never does. `training` may be a bool tensor.
-            self._maybe_initialize(impl, inputs, mask, training)
-        elif impl.exporting() and not impl.initialized_outside_trace(self):
+            self._maybe_initialize(inputs, mask, training)
+        elif _backend.kernels().exporting():
             # The same refusal as a TensorFlow SavedModel's (`_trackable_children`): a
             # Python check while the export traces, which adds nothing to the graph.
-            raise _checks.never_initialised_for_export(self.name)
-        return impl.forward(inputs, self.bias, self.log_scale, self.axis)
+            self._state.check_exportable()
+        return _ops.forward(inputs, self.bias, self.log_scale, self.axis)
 
-    def _maybe_initialize(self, impl, inputs, mask, training):
+    def _maybe_initialize(self, inputs, mask, training):
         """Initialise unless initialised, and warn (once) when one forward pass calls the
         layer several times in training mode (``TimeDistributed`` calls ``call`` once per
         step; a shared layer is called once per use) and the first call initialised it:
@@ -212,15 +213,18 @@ class ActNorm(keras.layers.Layer):
         tensor: TensorFlow decides at trace time from the flag's current value; JAX warns
         from a host callback that runs only in the step that initialises.
         """
+        kernels = _backend.kernels()
+        state = self._state
         forward_pass = _current_forward_pass()
         first = self._first_training_call
         if forward_pass is not None and first is not None and first.forward_pass() is forward_pass:
             if not (first.reported or self._warned_repeated_calls):
                 first.reported = True
-                impl.run_if(first.initialized, self._warn_repeated_calls)
-            impl.maybe_initialize(self, inputs, mask, training)  # initialised: only reads the flag
+                kernels.run_if(first.initialized, self._warn_repeated_calls)
+            state.maybe_initialize(inputs, mask, enabled=training)  # initialised: reads the flag
             return
-        initialized = impl.maybe_initialize(self, inputs, mask, training)
+        initialized = kernels.initialized_by_call(
+            state, state.maybe_initialize(inputs, mask, enabled=training))
         self._first_training_call = (
             None if forward_pass is None else _FirstTrainingCall(forward_pass, initialized))
 
@@ -240,7 +244,7 @@ class ActNorm(keras.layers.Layer):
         """``x = outputs / s - b``: the exact inverse of the layer (never initialises)."""
         self._check_input(outputs)
         outputs = ops.convert_to_tensor(outputs, self.compute_dtype)
-        return _backend.implementation().inverse(outputs, self.bias, self.log_scale, self.axis)
+        return _ops.inverse(outputs, self.bias, self.log_scale, self.axis)
 
     def forward_log_det_jacobian(self, inputs, mask=None):
         """``log|det dy/dx|`` per example, shape ``[batch]``.
@@ -253,7 +257,7 @@ class ActNorm(keras.layers.Layer):
         log-det is taken.
         """
         self._check_input(inputs)
-        return _backend.implementation().log_det(self.log_scale, inputs, mask, self.axis)
+        return _ops.log_det(self.log_scale, inputs, mask, self.axis)
 
     def _check_input(self, x):
         # `__call__` checks its input against `input_spec`; these methods bypass it.
