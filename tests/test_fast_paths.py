@@ -42,6 +42,14 @@ def _params(rng, shape, axis, dtype):
             tf.constant(rng.normal(size=shape), dtype))
 
 
+def test_tensorflow_takes_its_own_kernels_and_provides_every_hook():
+    from tf_actnorm import _backend
+
+    assert _backend.kernels() is _tf_backend
+    assert [name for name in _backend.HOOKS if not hasattr(_tf_backend, name)] == []
+    assert _tf_backend.OUTPUT_GRADIENT is True  # the gradient from the output (test_gradients)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])

@@ -10,9 +10,7 @@ module of the current backend with the few things that differ:
 * ``_jax_backend``: host callbacks from ``jax.jit``, the ``jax2tf`` export trace.
 * ``_torch_backend``: the ONNX export trace.
 
-Each provides: ``OUTPUT_GRADIENT``, ``channel_sum``, ``sum_over_replicas``, ``replicated``,
-``assigns_in_branches``, ``is_traced``, ``checked``, ``serving``, ``exporting``, ``stored_flag``, ``initialized_by_call``,
-``run_if`` and ``compiled_moments``; the JAX and PyTorch modules take the plain
+Each provides the names in :data:`HOOKS`; the JAX and PyTorch modules take the plain
 ``keras.ops`` ones below where they need nothing else. This module imports no backend
 until asked, so ``import tf_actnorm`` never needs TensorFlow on the other backends.
 """
@@ -23,6 +21,11 @@ import keras
 from keras import ops
 
 SUPPORTED = ("tensorflow", "jax", "torch")
+
+# What each backend module provides (see the module doc).
+HOOKS = ("OUTPUT_GRADIENT", "channel_sum", "sum_over_replicas", "replicated",
+         "assigns_in_branches", "is_traced", "checked", "serving", "exporting", "stored_flag",
+         "initialized_by_call", "run_if", "compiled_moments")
 
 
 def kernels():

@@ -46,6 +46,17 @@ def test_import_and_layer_need_no_tensorflow():
     assert "tensorflow" not in sys.modules
 
 
+def test_the_backend_module_provides_every_hook():
+    """The layer's one implementation (``_ops``) asks ``_backend.kernels()`` for what this
+    backend does its own way; the module chosen for it has every name it may ask for."""
+    from tf_actnorm import _backend
+
+    kernels = _backend.kernels()
+    assert kernels.__name__ == f"tf_actnorm._{BACKEND}_backend"
+    assert [name for name in _backend.HOOKS if not hasattr(kernels, name)] == []
+    assert kernels.OUTPUT_GRADIENT is False  # autodiff here (measured: docs/benchmarks.md)
+
+
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=IDS)
 def test_init_matches_numpy_and_standardises(rng, shape, axis):
     x = data(rng, shape, axis)
