@@ -3,10 +3,9 @@ bijector runs on."""
 
 import functools
 
+import keras
 import tensorflow as tf
 from tensorflow.python.saved_model import save_context
-
-import keras
 
 from tf_actnorm import _checks
 from tf_actnorm._backend import initialized_by_call as _plain_initialized_by_call

@@ -3,19 +3,17 @@
 import contextvars
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-
-from tensorflow.python.saved_model import save_context
-from tensorflow_probability.python.internal import parameter_properties
-
-import keras
 from keras import ops
+from tensorflow_probability.python.internal import parameter_properties
 
 from tf_actnorm import _checks
 from tf_actnorm import _formulas
 from tf_actnorm import _ops
+from tf_actnorm import _tf_backend
 
 
 INIT_FROM = ("forward", "inverse", "either")
@@ -306,7 +304,7 @@ class ActNormBijector(tfp.bijectors.Bijector):
     def _warn_if_uninitialized(self, direction):
         """Warns that a call in the direction that does not initialise found the
         bijector uninitialised (read now, or at trace time inside a function)."""
-        if save_context.in_save_context() or not self._state.can_initialize():
+        if _tf_backend.serving() or not self._state.can_initialize():
             return
         if self._state.stored_initialized():
             return
