@@ -1,7 +1,8 @@
-"""Runs example scripts with ``--quick``, one after another in this one process, each as
-``__main__`` with its own ``sys.argv`` and cwd, and prints one line ``RESULT <json>``:
-per script, what it printed and the traceback if it raised. Starting TensorFlow once
-instead of once per script saves several seconds a script.
+"""Runs scripts (the examples with ``--quick``; the documentation pages' snippets), one
+after another in this one process, each as ``__main__`` with its own ``sys.argv`` and cwd
+and from a fresh Keras state (session cleared, float32 dtype policy), and prints one line
+``RESULT <json>``: per script, what it printed and the traceback if it raised. Starting
+TensorFlow once instead of once per script saves several seconds a script.
 
     python tests/run_examples.py SCRIPT OUT CWD [SCRIPT OUT CWD ...]
 """
@@ -26,6 +27,7 @@ def run(script, out, cwd):
     try:
         os.chdir(cwd)
         keras.utils.clear_session()  # each script starts from a fresh Keras state
+        keras.config.set_dtype_policy("float32")  # a script may set mixed precision
         with contextlib.redirect_stdout(printed):
             runpy.run_path(script, run_name="__main__")
     except BaseException:  # noqa: BLE001 - reported to the test, which fails on it

@@ -1,8 +1,9 @@
 """Every ```python fence in README.md and docs/**/*.md runs.
 
-Per page, the page's ```python fences are joined in order and run top to bottom in one
-fresh interpreter (cwd a temporary directory), so a snippet may use what an earlier one on
-the same page defined, as a reader going down the page would. Fences that are not meant to
+Per page, the page's ```python fences are joined in order and run top to bottom as one
+script (cwd a temporary directory of its own, Keras' state cleared first), so a snippet may
+use what an earlier one on the same page defined, as a reader going down the page would.
+The pages' scripts share two fresh interpreters (``run_examples.py``). Fences that are not meant to
 run carry another tag (``text``, ``console``, ``bash``); an untagged fence is an error, so a
 snippet cannot drop out of the test by accident.
 
@@ -12,6 +13,7 @@ imported (as with only that backend's extra installed), and the ```text fence ri
 it is what it must print.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -76,35 +78,49 @@ def test_fences_are_tagged(page):
     assert not unknown, f"{_page_id(page)}: fence tags {unknown}: use python, or one of {NOT_RUN}"
 
 
-def _run_page(page, directory):
-    directory.mkdir()
-    script = directory / "snippets.py"
-    script.write_text(python_source(page))
+def _run_pages(scripts):
+    """Runs page scripts one after another in one fresh interpreter (``run_examples.py``),
+    each in its own directory: ``{script: {"stdout", "error"}}``."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    return subprocess.run(
-        [sys.executable, str(script)], cwd=directory, env=env,
-        capture_output=True, text=True, timeout=300)
+    specs = [arg for script in scripts for arg in (str(script), str(script.parent / "out"),
+                                                   str(script.parent))]
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("run_examples.py")), *specs],
+        env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 @pytest.fixture(scope="module")
 def page_runs(request, tmp_path_factory):
-    """Each selected page's run, two pages at a time: a fresh interpreter spends most of
-    its few seconds importing TensorFlow on one core, so two overlap well on two cores."""
-    pages = {item.callspec.params["page"] for item in request.session.items
-             if getattr(item, "originalname", None) == "test_page_snippets_run"}
+    """Each selected page's run. The pages share two fresh interpreters, run side by side
+    (starting TensorFlow costs a fresh interpreter several seconds on one core): a page
+    that configures TensorFlow's devices runs first in its interpreter, as TensorFlow
+    allows that only before it starts."""
+    pages = sorted({item.callspec.params["page"] for item in request.session.items
+                    if getattr(item, "originalname", None) == "test_page_snippets_run"})
     root = tmp_path_factory.mktemp("snippets")
+    scripts = {}
+    for i, page in enumerate(pages):
+        (root / f"page{i}").mkdir()
+        scripts[page] = root / f"page{i}" / "snippets.py"
+        scripts[page].write_text(python_source(page))
+    first = [page for page in pages if "set_logical_device_configuration" in python_source(page)]
+    rest = [page for page in pages if page not in first]
+    groups = [first + rest[::2], rest[1::2]]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {page: pool.submit(_run_page, page, root / f"page{i}")
-                   for i, page in enumerate(sorted(pages))}
-    return {page: future.result() for page, future in futures.items()}
+        runs = list(pool.map(_run_pages, [[scripts[page] for page in group] for group in groups]))
+    results = {k: v for run in runs for k, v in run.items()}
+    return {page: results[str(scripts[page])] for page in pages}
 
 
 @pytest.mark.parametrize(
     "page", [p for p in PAGES if python_source(p)], ids=_page_id)
 def test_page_snippets_run(page, page_runs):
     result = page_runs[page]
-    assert result.returncode == 0, (
-        f"{_page_id(page)}: snippets failed\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    assert result["error"] is None, (
+        f"{_page_id(page)}: snippets failed\n{result['stdout'][-3000:]}\n{result['error'][-5000:]}")
 
 
 BACKEND_EXAMPLES = [(page, *example) for page in PAGES for example in backend_examples(page)]
