@@ -82,7 +82,8 @@ def _affine(t, bias, log_scale, axis, inverse):
     the backward pass, are :func:`channel_grads`'s.
     """
     coefficients = _formulas.inverse_coefficients if inverse else _formulas.forward_coefficients
-    # Variables are read here, once; the custom gradient gets tensors.
+    # The parameters enter the custom gradient as its arguments (a variable among them
+    # needs no `variables=` in TensorFlow's `grad`).
     bias = ops.convert_to_tensor(bias)
     log_scale = ops.convert_to_tensor(log_scale)
     t = ops.convert_to_tensor(t)
@@ -162,12 +163,12 @@ def moments(x, axis, mask=None, gate=None):
         if compiled is not None:
             return Moments(*compiled(x, mask))
     elif not kernels.replicated():
-        zeros = ops.zeros((ops.shape(x)[axis],), _stats_dtype(x))
+        zeros = ops.zeros((ops.shape(x)[axis],), _stats_dtype(x.dtype))
         return Moments(*ops.cond(gate, lambda: tuple(moments(x, axis, mask)),
                                  lambda: (zeros, zeros, zeros)))
     rank = len(x.shape)
     axis = axis % rank
-    x = ops.cast(x, _stats_dtype(x))
+    x = ops.cast(x, _stats_dtype(x.dtype))
     shape = ops.shape(x)
     weights = None
     if mask is not None:
@@ -210,8 +211,8 @@ def moments(x, axis, mask=None, gate=None):
     return Moments(count, mean, m2)
 
 
-def _stats_dtype(x):
-    return _formulas.stats_dtype(keras.backend.standardize_dtype(x.dtype))
+def _stats_dtype(dtype):
+    return _formulas.stats_dtype(keras.backend.standardize_dtype(dtype))
 
 
 def combine(a, b):
@@ -221,7 +222,7 @@ def combine(a, b):
 
 def zero_moments(channels, dtype):
     """The moments of no data: what :func:`combine` starts from."""
-    zeros = ops.zeros((channels,), _formulas.stats_dtype(keras.backend.standardize_dtype(dtype)))
+    zeros = ops.zeros((channels,), _stats_dtype(dtype))
     return Moments(zeros, zeros, zeros)
 
 
