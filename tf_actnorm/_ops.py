@@ -295,15 +295,16 @@ class State:
         # No gradient flows through initialisation: the initial values are constants to
         # autodiff, which keeps the guard out of the backward pass.
         data = ops.stop_gradient(ops.convert_to_tensor(data))
-        if not kernels.is_traced(needed):  # eager, and `needed` is true
+
+        def initialize():
             return self.assign_from_moments(moments(data, self.axis, mask), from_outputs)
+
+        if not kernels.is_traced(needed):  # eager, and `needed` is true
+            return initialize()
         if kernels.assigns_in_branches():
             # One branch holds the statistics and the assignments: once initialised,
             # a step only reads the flag.
-            return ops.cond(
-                needed,
-                lambda: self.assign_from_moments(moments(data, self.axis, mask), from_outputs),
-                lambda: ops.convert_to_tensor(False))
+            return ops.cond(needed, initialize, lambda: ops.convert_to_tensor(False))
         return self.assign_from_moments(moments(data, self.axis, mask, gate=needed),
                                         from_outputs, needed)
 

@@ -8,7 +8,6 @@ import tensorflow as tf
 from tensorflow.python.saved_model import save_context
 
 from tf_actnorm import _checks
-from tf_actnorm._backend import initialized_by_call as _plain_initialized_by_call
 
 # Autodiff of `x * s + b * s` keeps the input `x` for the backward pass; the output
 # gradient keeps nothing the next layer does not keep anyway (`_ops._affine`).
@@ -136,7 +135,7 @@ def initialized_by_call(state, update):
     """Eagerly ``update``; while tracing a Python bool, True unless ``state`` is
     initialised now (read outside the trace), i.e. whether the traced call may."""
     if not tf.is_symbolic_tensor(update):
-        return _plain_initialized_by_call(state, update)
+        return update
     return not state.stored_initialized()
 
 

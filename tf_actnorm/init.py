@@ -523,8 +523,8 @@ class _Passes:
 
     def _zeros(self, index):
         layer = self.targets[index]
-        zeros = ops.zeros(layer.initial_bias.shape, _formulas.stats_dtype(layer.compute_dtype))
-        return zeros, zeros, zeros
+        # A plain tuple, the structure `_moments` gives (both are branches of one cond).
+        return tuple(_ops.zero_moments(int(layer.initial_bias.shape[0]), layer.compute_dtype))
 
     def _all_moments(self, forward, target, group):
         """Runs ``forward()`` collecting the moments of the layers of ``group`` (a range of
